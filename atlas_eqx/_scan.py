@@ -1,0 +1,158 @@
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Float, jaxtyped, Scalar
+
+import feature_maps as fm
+import optimizers as iopt
+
+from ._memory import AbstractMemory
+from ._objective import l2
+from ._sequential import sequential_scan
+from ._state import init_omega_state, OmegaState
+
+
+Vector = Float[Array | np.ndarray, " T"]
+Method = Literal["sequential", "chunked", "pallas"]
+_METHODS = ("sequential", "chunked", "pallas")
+
+
+@jaxtyped(typechecker=beartype)
+def omega_scan(
+    memory: AbstractMemory,
+    q: Float[Array | np.ndarray, "T d_k"],
+    k: Float[Array | np.ndarray, "T d_k"],
+    v: Float[Array | np.ndarray, "T d_v"],
+    lr: Vector,
+    decay: Vector,
+    momentum: Vector | None = None,
+    gamma: Vector | Float[Array | np.ndarray, "T c"] | None = None,
+    *,
+    feature_map: fm.AbstractFeatureMap = fm.Identity(),
+    objective: Callable[..., Scalar] = l2,
+    optimizer: iopt.InnerOptimizer = iopt.gd(),
+    window: int = 1,
+    chunk_size: int = 1,
+    method: Method = "sequential",
+    state: OmegaState | None = None,
+    decay_first: bool = False,
+) -> tuple[Float[Array, "T d_v"], OmegaState]:
+    r"""Stream one sequence through a test-time memory trained by the Omega rule (ATLAS Eqs 9-10, 32-33).
+
+    For each token $t$, with the window $i = t-c+1, \dots, t$ and the gradient anchor $W_s$
+    (the weights after the previous chunk of `chunk_size` tokens; $W_{t-1}$ when `chunk_size=1`):
+
+    $$g_t = \nabla_W\sum_{i}\gamma_{t,i}\,\mathrm{objective}(\mathcal M(\phi(k_i); W), v_i)\Big|_{W_s}$$
+    $$S_t = \theta_t S_{t-1} + g_t,\qquad W_t = \alpha_t W_{t-1} - \eta_t P(S_t),\qquad
+    y_t = \mathcal M(\phi(q_t); W_t)\ \text{(read after write)}.$$
+
+    **Arguments:**
+
+    - `memory`: the memory $\mathcal M$; its weights are $W_0$ (ignored when `state` is given).
+    - `q`, `k`: queries and keys, `(T, d_k)`; `v`: values, `(T, d_v)`. One head, one sequence:
+      `jax.vmap` for batches and heads.
+    - `lr`: $\eta_t \geq 0$, `(T,)`. `decay`: the retention $\alpha_t \in [0, 1]$, `(T,)`.
+    - `momentum`: $\theta_t \in [0, 1]$, `(T,)`, for learners with momentum; `None` means 0.
+    - `gamma`: window gates in $[0, 1]$: `(T,)` per written token ($\gamma_{t,i} = \gamma_i$,
+      carried with the window), or `(T, c)` per step and offset ($\gamma_{t,t-j}$ =
+      `gamma[t, j]`, digest A-8 (c)). `None` means 1.
+    - `feature_map`: $\phi$, applied to keys and queries; `feature_map.out_dim(d_k)` must equal
+      `memory.d_in`.
+    - `objective`: the attentional bias, `objective(prediction, target) -> scalar`.
+    - `optimizer`: the inner learner (`optimizers.gd()`, `momentum()`, `muon()`, ...).
+    - `window`: $c \geq 1$. `chunk_size`: $b \geq 1$; within a chunk every gradient is taken at
+      the chunk-start weights, and window tokens from the previous chunk are re-evaluated there.
+    - `method`: `"sequential"` (the oracle), `"chunked"` or `"pallas"`.
+    - `state`: an `OmegaState` returned by a previous call; splitting a sequence at a chunk
+      boundary into two calls equals one call.
+    - `decay_first`: take gradients at $(\prod_{j=s+1}^{t}\alpha_j)W_s$ instead of $W_s$
+      (Gated DeltaNet's order; digest I-12).
+
+    **Returns:** `(y, state)` with `y` of shape `(T, d_v)`.
+    """
+    T, d_k = q.shape
+    d_v = v.shape[1]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"omega_scan: `window` (c) must be an integer >= 1; got {window!r}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(
+            f"omega_scan: `chunk_size` (b) must be an integer >= 1; got {chunk_size!r}"
+        )
+    if method not in _METHODS:
+        raise ValueError(f"omega_scan: `method` must be one of {_METHODS}; got {method!r}")
+    d_features = feature_map.out_dim(d_k)
+    if d_features != memory.d_in:
+        raise ValueError(
+            f"omega_scan: `memory` takes inputs of dimension d_in={memory.d_in}, but "
+            f"`feature_map` maps keys of dimension d_k={d_k} to {d_features} features; "
+            f"build the memory with d_in=feature_map.out_dim(d_k)={d_features}"
+        )
+    if d_v != memory.d_out:
+        raise ValueError(f"omega_scan: `v` has d_v={d_v} but `memory` outputs d_out={memory.d_out}")
+    if gamma is not None and gamma.ndim == 2 and gamma.shape[1] != window:
+        raise ValueError(
+            f"omega_scan: per-step `gamma` must have shape (T, window) = ({T}, {window}); "
+            f"got {gamma.shape}"
+        )
+    if momentum is not None and not optimizer.uses_momentum:
+        raise ValueError(
+            "omega_scan: `momentum` was given but `optimizer` has no momentum buffer "
+            "(use optimizers.momentum() or optimizers.muon(), or pass momentum=None)"
+        )
+    if state is None:
+        state = init_omega_state(memory, optimizer, window)
+    elif state.window_features.shape != (window - 1, memory.d_in):
+        raise ValueError(
+            f"omega_scan: `state` carries {state.window_features.shape[0]} window tokens of "
+            f"dimension {state.window_features.shape[1]}, but window={window} needs "
+            f"{window - 1} of dimension {memory.d_in}"
+        )
+
+    dtype = jnp.result_type(*jax.tree.leaves(eqx.filter(state.memory, eqx.is_inexact_array)))
+    q, k, v, lr, decay = (jnp.asarray(x, dtype) for x in (q, k, v, lr, decay))
+    momentum = jnp.zeros((T,), dtype) if momentum is None else jnp.asarray(momentum, dtype)
+    gamma = jnp.ones((T,), dtype) if gamma is None else jnp.asarray(gamma, dtype)
+    q, k, v = (_check_finite(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    lr = _check_range(lr, "lr", "eta_t", 0.0, None)
+    decay = _check_range(decay, "decay", "alpha_t", 0.0, 1.0)
+    momentum = _check_range(momentum, "momentum", "theta_t", 0.0, 1.0)
+    gamma = _check_range(gamma, "gamma", "gamma", 0.0, 1.0)
+
+    features_q = feature_map(q)
+    features_k = feature_map(k)
+    if method == "sequential":
+        return sequential_scan(
+            state,
+            features_q,
+            features_k,
+            v,
+            lr,
+            decay,
+            momentum,
+            gamma,
+            objective=objective,
+            optimizer=optimizer,
+            window=window,
+            chunk_size=chunk_size,
+            decay_first=decay_first,
+        )
+    raise NotImplementedError(
+        f"omega_scan: method={method!r} is not implemented yet; use method='sequential'"
+    )
+
+
+def _check_finite(x: Array, name: str) -> Array:
+    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"omega_scan: `{name}` contains NaN or inf")
+
+
+def _check_range(x: Array, name: str, symbol: str, low: float, high: float | None) -> Array:
+    inside = x >= low if high is None else (x >= low) & (x <= high)
+    expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+    return eqx.error_if(
+        x, ~jnp.all(inside), f"omega_scan: `{name}` ({symbol}) must be {expected} (and not NaN)"
+    )

@@ -1,0 +1,176 @@
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.tree_util import Partial
+from jaxtyping import PyTree, ScalarLike
+
+from ._newton_schulz import JORDAN_COEFFICIENTS, newton_schulz
+
+
+class InnerOptimizer(NamedTuple):
+    r"""An inner-loop learner in the style of `optax.GradientTransformation`.
+
+    - `init(params) -> state`
+    - `update(grads, state, params, *, lr, decay, momentum) -> (updates, state)`, where `lr`
+      ($\eta_t$), `decay` ($\alpha_t$) and `momentum` ($\theta_t$) are the *per-token* scalars
+      of the current step. Apply with `optax.apply_updates(params, updates)`.
+    - `precondition`: the map $P$ applied to the momentum before the step (identity for GD and
+      momentum, Newton-Schulz per 2-D weight for Muon), or `None` for an opaque learner that
+      only the sequential path can run.
+    - `uses_momentum`: whether $\theta_t$ is read.
+
+    Every built-in learner computes the canonical ATLAS step (digest 4.1)
+
+    $$S_t = \theta_t S_{t-1} + g_t,\qquad W_t = \alpha_t W_{t-1} - \eta_t P(S_t).$$
+
+    The fields are module-level functions or `jax.tree_util.Partial`s, so two calls of a
+    factory with the same arguments compare equal and reuse compiled code.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[..., tuple[PyTree, PyTree]]
+    precondition: Callable[[PyTree], PyTree] | None
+    uses_momentum: bool
+    eta_inside_precondition: bool = False
+
+
+class EmptyState(NamedTuple):
+    """State of a learner without memory (plain GD)."""
+
+
+class MomentumState(NamedTuple):
+    """The momentum buffer $S$, one leaf per parameter."""
+
+    momentum: PyTree
+
+
+def _identity(tree: PyTree) -> PyTree:
+    return tree
+
+
+def _retain_and_step(params: PyTree, direction: PyTree, lr: ScalarLike, decay: ScalarLike):
+    # W_t = alpha W - eta D, written as an additive update for optax.apply_updates.
+    return jax.tree.map(lambda w, d: (decay - 1.0) * w - lr * d, params, direction)
+
+
+def _gd_init(params: PyTree) -> EmptyState:
+    del params
+    return EmptyState()
+
+
+def _gd_update(grads, state, params, *, lr, decay, momentum=None):
+    del momentum
+    return _retain_and_step(params, grads, lr, decay), state
+
+
+def gd() -> InnerOptimizer:
+    r"""Gradient descent with retention (OmegaNet, DeltaNet, Titans- ; ATLAS Eq 10, 56).
+
+    $$W_t = \alpha_t W_{t-1} - \eta_t g_t.$$
+    """
+    return InnerOptimizer(_gd_init, _gd_update, _identity, uses_momentum=False)
+
+
+def _momentum_init(params: PyTree) -> MomentumState:
+    return MomentumState(jax.tree.map(jnp.zeros_like, params))
+
+
+def _momentum_update(
+    grads, state, params, *, lr, decay, momentum, precondition, eta_inside_precondition=False
+):
+    if eta_inside_precondition:
+        grads = jax.tree.map(lambda g: lr * g, grads)
+        lr = 1.0
+    # The buffer keeps its dtype: float64 per-token scalars (x64) or a float32 gate with bf16
+    # weights must not promote the state, or a `lax.scan` carry changes type.
+    buffer = jax.tree.map(lambda s, g: (momentum * s + g).astype(s.dtype), state.momentum, grads)
+    return _retain_and_step(params, precondition(buffer), lr, decay), MomentumState(buffer)
+
+
+def momentum() -> InnerOptimizer:
+    r"""Gradient descent with momentum and retention (Titans Eqs 13-14 in ATLAS's form, Eq 12-13).
+
+    $$S_t = \theta_t S_{t-1} + g_t,\qquad W_t = \alpha_t W_{t-1} - \eta_t S_t.$$
+
+    This equals Titans' form $S_t = \theta_t S_{t-1} - \eta_t g_t$, $W_t = \alpha_t W_{t-1} + S_t$
+    exactly when $\eta$ is constant (digest I-15).
+    """
+    update = Partial(_momentum_update, precondition=_identity)
+    return InnerOptimizer(_momentum_init, update, _identity, uses_momentum=True)
+
+
+def _newton_schulz_per_matrix(tree: PyTree, *, steps, coefficients, eps) -> PyTree:
+    def leaf(x):
+        if x.ndim != 2:
+            return x
+        return newton_schulz(x, steps=steps, coefficients=coefficients, eps=eps)
+
+    return jax.tree.map(leaf, tree)
+
+
+def muon(
+    ns_steps: int = 5,
+    coefficients: Sequence[float] = JORDAN_COEFFICIENTS,
+    eps: float = 1e-7,
+    *,
+    eta_inside_ns: bool = False,
+) -> InnerOptimizer:
+    r"""ATLAS's inner Muon (ATLAS Eqs 32-33, with the sign fixed as in digest 4.1).
+
+    $$S_t = \theta_t S_{t-1} + g_t,\qquad W_t = \alpha_t W_{t-1} - \eta_t\,\mathrm{NS}_k(S_t),$$
+
+    with `newton_schulz` applied to each 2-D weight separately; other leaves take the plain
+    momentum step. This is not `optax.contrib.muon`: no EMA, no Nesterov, no shape factor.
+
+    `eta_inside_ns=True` reproduces ATLAS App. D.4 (Eqs 57-58) and lucidrains' titans-pytorch:
+    $S_t = \theta_t S_{t-1} + \eta_t g_t$, $W_t = \alpha_t W_{t-1} - \mathrm{NS}_k(S_t)$. Since NS
+    is scale invariant, $\eta_t$ then only reweights tokens against the decayed history.
+    """
+    if ns_steps < 0:
+        raise ValueError(f"muon: `ns_steps` must be >= 0; got {ns_steps}")
+    coefficients = tuple(float(c) for c in coefficients)
+    if len(coefficients) != 3:
+        raise ValueError(f"muon: `coefficients` must be (a, b, c); got {coefficients}")
+    precondition = Partial(
+        _newton_schulz_per_matrix, steps=ns_steps, coefficients=coefficients, eps=eps
+    )
+    update = Partial(
+        _momentum_update, precondition=precondition, eta_inside_precondition=eta_inside_ns
+    )
+    return InnerOptimizer(
+        _momentum_init,
+        update,
+        precondition,
+        uses_momentum=True,
+        eta_inside_precondition=eta_inside_ns,
+    )
+
+
+def _optax_update(grads, state, params, *, lr, decay, momentum=None, transformation):
+    del momentum
+    direction, state = transformation.update(grads, state, params)
+    step = jax.tree.map(lambda w, u: (decay - 1.0) * w + lr * u, params, direction)
+    return step, state
+
+
+def from_optax(transformation: optax.GradientTransformation) -> InnerOptimizer:
+    r"""Run any `optax.GradientTransformation` as the inner learner (sequential path only).
+
+    With $u_t$ the transformation's output for the window gradient $g_t$:
+
+    $$W_t = \alpha_t W_{t-1} + \eta_t u_t.$$
+
+    The transformation supplies the direction *with its sign*, so `from_optax(optax.sgd(1.0))`
+    equals `gd()`, and `from_optax(optax.sgd(1.0, momentum=0.9))` equals `momentum()` with
+    $\theta_t \equiv 0.9$. The per-token $\eta_t$ and $\alpha_t$ stay outside the transformation.
+    """
+    update = Partial(_optax_update, transformation=transformation)
+    return InnerOptimizer(transformation.init, update, None, uses_momentum=False)
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """`optax.apply_updates`, re-exported so the inner learner reads like an optax one."""
+    return optax.apply_updates(params, updates)
