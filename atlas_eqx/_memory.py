@@ -115,7 +115,7 @@ class MLPMemory(AbstractMemory):
         keys = jax.random.split(key, depth)
         self.weights = tuple(
             _normal(k, (n_out, n_in), 1.0 / math.sqrt(n_in) if init_std is None else init_std)
-            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:])
+            for k, n_in, n_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
         )
         self.activation = activation
         self.residual = _resolve_residual(residual, d_in, d_out, "MLPMemory")
