@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, jaxtyped, Scalar
 import feature_maps as fm
 import optimizers as iopt
 
+from ._chunked import chunked_scan
 from ._memory import AbstractMemory
 from ._objective import l2
 from ._sequential import sequential_scan
@@ -41,6 +42,7 @@ def omega_scan(
     method: Method = "sequential",
     state: OmegaState | None = None,
     decay_first: bool = False,
+    muon_per_chunk: bool = False,
 ) -> tuple[Float[Array, "T d_v"], OmegaState]:
     r"""Stream one sequence through a test-time memory trained by the Omega rule (ATLAS Eqs 9-10, 32-33).
 
@@ -72,6 +74,9 @@ def omega_scan(
       boundary into two calls equals one call.
     - `decay_first`: take gradients at $(\prod_{j=s+1}^{t}\alpha_j)W_s$ instead of $W_s$
       (Gated DeltaNet's order; digest I-12).
+    - `muon_per_chunk`: with `method="chunked"`, apply Newton-Schulz once per chunk to the
+      chunk-end momentum and read inside a chunk from the decayed chunk-start weights (an
+      approximation for speed, digest A-13 (i); see `atlas_eqx._chunked`).
 
     **Returns:** `(y, state)` with `y` of shape `(T, d_v)`.
     """
@@ -103,6 +108,13 @@ def omega_scan(
         raise ValueError(
             "omega_scan: `momentum` was given but `optimizer` has no momentum buffer "
             "(use optimizers.momentum() or optimizers.muon(), or pass momentum=None)"
+        )
+    if muon_per_chunk and method != "chunked":
+        raise ValueError("omega_scan: `muon_per_chunk=True` needs method='chunked'")
+    if method != "sequential" and optimizer.precondition is None:
+        raise ValueError(
+            f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "
+            f"it runs only with method='sequential', not method={method!r}"
         )
     if state is None:
         state = init_omega_state(memory, optimizer, window)
@@ -141,9 +153,29 @@ def omega_scan(
             chunk_size=chunk_size,
             decay_first=decay_first,
         )
+    if method == "chunked":
+        return _chunked_scan_jit(
+            state,
+            features_q,
+            features_k,
+            v,
+            lr,
+            decay,
+            momentum,
+            gamma,
+            objective=objective,
+            optimizer=optimizer,
+            window=window,
+            chunk_size=chunk_size,
+            decay_first=decay_first,
+            muon_per_chunk=muon_per_chunk,
+        )
     raise NotImplementedError(
         f"omega_scan: method={method!r} is not implemented yet; use method='sequential'"
     )
+
+
+_chunked_scan_jit = eqx.filter_jit(chunked_scan)
 
 
 def _check_finite(x: Array, name: str) -> Array:

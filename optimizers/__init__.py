@@ -13,6 +13,7 @@ from ._inner import (
     momentum as momentum,
     MomentumState as MomentumState,
     muon as muon,
+    no_precondition as no_precondition,
 )
 from ._newton_schulz import (
     CUBIC_COEFFICIENTS as CUBIC_COEFFICIENTS,

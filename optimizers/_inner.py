@@ -47,7 +47,32 @@ class MomentumState(NamedTuple):
     momentum: PyTree
 
 
-def _identity(tree: PyTree) -> PyTree:
+class _Partial(Partial):
+    """A `jax.tree_util.Partial` that compares and hashes by value.
+
+    `Partial` inherits identity equality from `functools.partial`, so `muon() == muon()` would be
+    `False` and an `InnerOptimizer` held as a static field (or a `jax.jit` static argument) would
+    retrace for every factory call. Flattening is the same as `Partial`'s.
+    """
+
+    def __eq__(self, other):
+        if not isinstance(other, _Partial):
+            return NotImplemented
+        return (self.func, self.args, self.keywords) == (other.func, other.args, other.keywords)
+
+    def __hash__(self):
+        return hash((self.func, self.args, tuple(sorted(self.keywords.items()))))
+
+
+jax.tree_util.register_pytree_node(
+    _Partial,
+    lambda partial: ((partial.args, partial.keywords), partial.func),
+    lambda func, children: _Partial(func, *children[0], **children[1]),
+)
+
+
+def no_precondition(tree: PyTree) -> PyTree:
+    """The identity preconditioner $P(S) = S$ of GD and momentum."""
     return tree
 
 
@@ -71,7 +96,7 @@ def gd() -> InnerOptimizer:
 
     $$W_t = \alpha_t W_{t-1} - \eta_t g_t.$$
     """
-    return InnerOptimizer(_gd_init, _gd_update, _identity, uses_momentum=False)
+    return InnerOptimizer(_gd_init, _gd_update, no_precondition, uses_momentum=False)
 
 
 def _momentum_init(params: PyTree) -> MomentumState:
@@ -98,8 +123,8 @@ def momentum() -> InnerOptimizer:
     This equals Titans' form $S_t = \theta_t S_{t-1} - \eta_t g_t$, $W_t = \alpha_t W_{t-1} + S_t$
     exactly when $\eta$ is constant (digest I-15).
     """
-    update = Partial(_momentum_update, precondition=_identity)
-    return InnerOptimizer(_momentum_init, update, _identity, uses_momentum=True)
+    update = _Partial(_momentum_update, precondition=no_precondition)
+    return InnerOptimizer(_momentum_init, update, no_precondition, uses_momentum=True)
 
 
 def _newton_schulz_per_matrix(tree: PyTree, *, steps, coefficients, eps) -> PyTree:
@@ -134,10 +159,10 @@ def muon(
     coefficients = tuple(float(c) for c in coefficients)
     if len(coefficients) != 3:
         raise ValueError(f"muon: `coefficients` must be (a, b, c); got {coefficients}")
-    precondition = Partial(
+    precondition = _Partial(
         _newton_schulz_per_matrix, steps=ns_steps, coefficients=coefficients, eps=eps
     )
-    update = Partial(
+    update = _Partial(
         _momentum_update, precondition=precondition, eta_inside_precondition=eta_inside_ns
     )
     return InnerOptimizer(
@@ -167,7 +192,7 @@ def from_optax(transformation: optax.GradientTransformation) -> InnerOptimizer:
     equals `gd()`, and `from_optax(optax.sgd(1.0, momentum=0.9))` equals `momentum()` with
     $\theta_t \equiv 0.9$. The per-token $\eta_t$ and $\alpha_t$ stay outside the transformation.
     """
-    update = Partial(_optax_update, transformation=transformation)
+    update = _Partial(_optax_update, transformation=transformation)
     return InnerOptimizer(transformation.init, update, None, uses_momentum=False)
 
 

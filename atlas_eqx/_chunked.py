@@ -1,0 +1,432 @@
+r"""The chunk-parallel scan (digest 6.2-6.4): frozen gradient anchors, C-matrix coefficients.
+
+Within a chunk of `b` tokens every gradient is taken at the chunk-start weights $W_s$, so
+
+$$S_t = B_tS_s + \sum_{n\le t}L_\theta[t,n]\,g_n,\qquad
+W_t = A_tW_s - \sum_{m\le t}L_\alpha[t,m]\,\eta_m P(S_m),\qquad
+g_n = \sum_{i\in E}\Gamma[n,i]\,\nabla\ell_i(W_s),$$
+
+with $L_\alpha[t,m] = \prod_{j=m+1}^{t}\alpha_j$, $A_t = \prod_{j\le t}\alpha_j$ (chunk-local), and
+$\Gamma$ the banded window-gate matrix over the extended token set $E$ (the chunk plus the $c-1$
+tokens before it). Three forms compute this, each tested against `sequential_scan`:
+
+- `_linear_dual_chunk`: linear memory, GD or momentum. Never forms per-position weights:
+  $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with $C = L_\alpha
+  \mathrm{diag}(\eta)L_\theta\Gamma$.
+- `_mlp_dual_chunk`: `MLPMemory`, GD or momentum. Every per-token gradient of every layer is a
+  rank-1 outer product $\delta_i h_i^\top$, so each layer's read is the same dual form.
+- `_materialised_chunk`: anything else (Muon, gated MLP, `decay_first`): per-position momentum and
+  weights, batched preconditioning (Newton-Schulz over positions), per-position reads.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree, Scalar
+
+import optimizers as iopt
+
+from ._memory import LinearMemory, MLPMemory
+from ._state import OmegaState
+
+
+def decay_matrix(alpha: Float[Array, " b"]) -> Float[Array, "b b"]:
+    r"""$L[t, m] = \prod_{j=m+1}^{t}\alpha_j$ for $m \le t$, else 0.
+
+    A masked cumulative product rather than differences of cumulative log sums, so it is exact
+    (no $-\infty + \infty$) when some $\alpha_j = 0$, and so are its gradients.
+    """
+    b = alpha.shape[0]
+    idx = jnp.arange(b)
+    later = idx[:, None] > idx[None, :]
+    factors = jnp.where(later, alpha[:, None], jnp.ones((), alpha.dtype))
+    return jnp.cumprod(factors, axis=0) * (idx[:, None] >= idx[None, :])
+
+
+def _batched_matmul(L: Float[Array, "b b"], tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: jnp.tensordot(L, x, axes=1), tree)
+
+
+def _scale_rows(w: Float[Array, " b"], tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: w.reshape((-1,) + (1,) * (x.ndim - 1)) * x, tree)
+
+
+class _Chunk(eqx.Module):
+    features_e: Float[Array, "n_e d_in"]
+    values_e: Float[Array, "n_e d_out"]
+    gates: Float[Array, "b n_e"]
+    features_q: Float[Array, "b d_in"]
+    lr: Float[Array, " b"]
+    decay: Float[Array, " b"]
+    momentum: Float[Array, " b"]
+    valid: Float[Array, " b"]
+
+
+def _output_grad(objective, prediction, target):
+    return jax.grad(objective)(prediction, target)
+
+
+def _coefficients(chunk: _Chunk, uses_momentum: bool):
+    """C (b, n_E) mapping per-token gradients to W_t, its momentum analogue, and S_s factors."""
+    L_alpha = decay_matrix(chunk.decay)
+    A = jnp.cumprod(chunk.decay)
+    eta_L = L_alpha * chunk.lr[None, :]
+    if uses_momentum:
+        L_theta = decay_matrix(chunk.momentum)
+        B = jnp.cumprod(chunk.momentum)
+        C = eta_L @ L_theta @ chunk.gates
+        c_S = eta_L @ B
+        C_S = L_theta[-1] @ chunk.gates
+    else:
+        B = jnp.zeros_like(A)
+        C = eta_L @ chunk.gates
+        c_S = jnp.zeros_like(A)
+        C_S = jnp.zeros(chunk.gates.shape[1], A.dtype)
+    return A, B, C, c_S, C_S
+
+
+def _linear_dual_chunk(
+    W: Float[Array, "d_out d_in"],
+    S: Float[Array, "d_out d_in"] | None,
+    chunk: _Chunk,
+    objective: Callable[..., Scalar],
+):
+    A, B, C, c_S, C_S = _coefficients(chunk, S is not None)
+    Phi, Q = chunk.features_e, chunk.features_q
+    residual = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, Phi @ W.T, chunk.values_e)
+    y = A[:, None] * (Q @ W.T) - (C * (Q @ Phi.T)) @ residual
+    W_end = A[-1] * W - (C[-1][:, None] * residual).T @ Phi
+    if S is None:
+        return y, W_end, None
+    y = y - c_S[:, None] * (Q @ S.T)
+    W_end = W_end - c_S[-1] * S
+    S_end = B[-1] * S + (C_S[:, None] * residual).T @ Phi
+    return y, W_end, S_end
+
+
+def _mlp_dual_chunk(
+    memory: MLPMemory,
+    S: tuple[Array, ...] | None,
+    chunk: _Chunk,
+    objective: Callable[..., Scalar],
+):
+    A, B, C, c_S, C_S = _coefficients(chunk, S is not None)
+    weights = memory.weights
+    X = chunk.features_e
+    inputs, pre_activations = [X], []
+    h = X
+    for weight in weights[:-1]:
+        z = h @ weight.T
+        pre_activations.append(z)
+        h = memory.activation(z)
+        inputs.append(h)
+    out = h @ weights[-1].T
+    if memory.residual:
+        out = out + X
+    delta = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, out, chunk.values_e)
+    deltas = [delta]
+    for weight, z in zip(weights[:0:-1], pre_activations[::-1], strict=True):
+        _, activation_vjp = jax.vjp(memory.activation, z)
+        (delta,) = activation_vjp(delta @ weight)
+        deltas.append(delta)
+    deltas = deltas[::-1]
+
+    g = chunk.features_q
+    new_weights, new_momenta = [], []
+    for layer, (weight, h_in, delta) in enumerate(zip(weights, inputs, deltas, strict=True)):
+        pre = A[:, None] * (g @ weight.T) - (C * (g @ h_in.T)) @ delta
+        W_end = A[-1] * weight - (C[-1][:, None] * delta).T @ h_in
+        if S is not None:
+            pre = pre - c_S[:, None] * (g @ S[layer].T)
+            W_end = W_end - c_S[-1] * S[layer]
+            new_momenta.append(B[-1] * S[layer] + (C_S[:, None] * delta).T @ h_in)
+        new_weights.append(W_end)
+        g = memory.activation(pre) if layer < len(weights) - 1 else pre
+    y = g + chunk.features_q if memory.residual else g
+    new_memory = eqx.tree_at(lambda m: m.weights, memory, tuple(new_weights))
+    return y, new_memory, (tuple(new_momenta) if S is not None else None)
+
+
+def _materialised_chunk(
+    params: PyTree,
+    static: PyTree,
+    opt_state: PyTree,
+    chunk: _Chunk,
+    *,
+    objective: Callable[..., Scalar],
+    optimizer: iopt.InnerOptimizer,
+    decay_first: bool,
+):
+    assert optimizer.precondition is not None
+    A = jnp.cumprod(chunk.decay)
+    L_alpha = decay_matrix(chunk.decay)
+
+    def token_losses(p):
+        memory = eqx.combine(p, static)
+        return jax.vmap(lambda x, v: objective(memory(x), v))(chunk.features_e, chunk.values_e)
+
+    if decay_first:
+
+        def gradient_at(scale, gates):
+            base = jax.tree.map(lambda w: scale * w, params)
+            _, vjp = jax.vjp(token_losses, base)
+            return vjp(gates)[0]
+
+        grads = jax.vmap(gradient_at)(A, chunk.gates)
+    else:
+        _, vjp = jax.vjp(token_losses, params)
+        grads = jax.vmap(vjp)(chunk.gates)[0]
+
+    if optimizer.eta_inside_precondition:
+        grads = _scale_rows(chunk.lr, grads)
+    if optimizer.uses_momentum:
+        L_theta = decay_matrix(chunk.momentum)
+        B = jnp.cumprod(chunk.momentum)
+        momenta = jax.tree.map(
+            lambda g, s: jnp.tensordot(L_theta, g, axes=1) + B.reshape((-1,) + (1,) * s.ndim) * s,
+            grads,
+            opt_state.momentum,
+        )
+        new_state = iopt.MomentumState(jax.tree.map(lambda s: s[-1], momenta))
+    else:
+        momenta = grads
+        new_state = opt_state
+    directions = jax.vmap(optimizer.precondition)(momenta)
+    # With eta inside P the step has no eta to zero it, so padding steps are masked explicitly.
+    step_scale = chunk.valid if optimizer.eta_inside_precondition else chunk.lr
+    steps = _scale_rows(step_scale, directions)
+    weights = jax.tree.map(
+        lambda w, s: A.reshape((-1,) + (1,) * w.ndim) * w[None] - jnp.tensordot(L_alpha, s, axes=1),
+        params,
+        steps,
+    )
+    y = jax.vmap(lambda p, x: eqx.combine(p, static)(x))(weights, chunk.features_q)
+    return y, jax.tree.map(lambda w: w[-1], weights), new_state
+
+
+def _per_chunk_muon_chunk(
+    params: PyTree,
+    static: PyTree,
+    opt_state: PyTree,
+    chunk: _Chunk,
+    *,
+    objective: Callable[..., Scalar],
+    optimizer: iopt.InnerOptimizer,
+):
+    r"""`muon_per_chunk=True`: one Newton-Schulz per chunk (digest A-13 (i)).
+
+    The momentum is exact per token, but the chunk's weight change uses a single direction
+    $O = \mathrm{NS}(S_{s+b})$ of the chunk-end momentum:
+    $W_{s+b} = A_bW_s - (\sum_m L_\alpha[b,m]\eta_m)\,O$. Reads inside the chunk see the decayed
+    chunk-start weights $A_tW_s$ (they cannot see $O$, which depends on the whole chunk).
+    """
+    assert optimizer.precondition is not None
+    A = jnp.cumprod(chunk.decay)
+    L_alpha = decay_matrix(chunk.decay)
+
+    def token_losses(p):
+        memory = eqx.combine(p, static)
+        return jax.vmap(lambda x, v: objective(memory(x), v))(chunk.features_e, chunk.values_e)
+
+    _, vjp = jax.vjp(token_losses, params)
+    weighted_gates = chunk.gates
+    if optimizer.eta_inside_precondition:
+        weighted_gates = chunk.lr[:, None] * weighted_gates
+    L_theta = decay_matrix(chunk.momentum)
+    B = jnp.cumprod(chunk.momentum)
+    (chunk_gradient,) = vjp(L_theta[-1] @ weighted_gates)
+    momentum_end = jax.tree.map(lambda s, g: B[-1] * s + g, opt_state.momentum, chunk_gradient)
+    direction = optimizer.precondition(momentum_end)
+    step_scale = chunk.valid if optimizer.eta_inside_precondition else chunk.lr
+    scale = L_alpha[-1] @ step_scale
+    new_params = jax.tree.map(lambda w, o: A[-1] * w - scale * o, params, direction)
+    y = jax.vmap(lambda a, x: eqx.combine(jax.tree.map(lambda w: a * w, params), static)(x))(
+        A, chunk.features_q
+    )
+    return y, new_params, iopt.MomentumState(momentum_end)
+
+
+def _band_gates(
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    extended_gates: Float[Array, " n"],
+    extended_mask: Float[Array, " n"],
+    step_valid: Float[Array, " T"],
+    window: int,
+    n_chunks: int,
+    b: int,
+) -> Float[Array, "n_chunks b n_e"]:
+    """Gamma[chunk, t, i]: the gate of extended token i in the window of chunk step t."""
+    n_e = b + window - 1
+    t = jnp.arange(b)[:, None]
+    i = jnp.arange(n_e)[None, :]
+    offset = t + window - 1 - i  # how many steps token i lies behind step t
+    in_window = (offset >= 0) & (offset < window)
+    starts = jnp.arange(n_chunks) * b
+    token_index = starts[:, None, None] + i[None]  # index into the extended arrays
+    mask = extended_mask[token_index] * in_window[None]
+    valid = step_valid.reshape(n_chunks, b)[:, :, None]
+    if gamma.ndim == 2:
+        per_step = gamma.reshape(n_chunks, b, window)
+        gates = jnp.take_along_axis(
+            per_step, jnp.broadcast_to(jnp.clip(offset, 0, window - 1), (n_chunks, b, n_e)), axis=2
+        )
+    else:
+        gates = extended_gates[token_index]
+    return gates * mask * valid
+
+
+def chunked_scan(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    momentum: Float[Array, " T"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    objective: Callable[..., Scalar],
+    optimizer: iopt.InnerOptimizer,
+    window: int,
+    chunk_size: int,
+    decay_first: bool,
+    muon_per_chunk: bool = False,
+    remat: bool = True,
+    force_materialised: bool = False,
+) -> tuple[Float[Array, "T d_out"], OmegaState]:
+    """The chunk-parallel form of `sequential_scan` (same arguments, same results)."""
+    if optimizer.precondition is None:
+        raise ValueError(
+            "omega_scan: this `optimizer` (from_optax) is opaque; it runs only with "
+            "method='sequential'"
+        )
+    T = v.shape[0]
+    b, c = chunk_size, window
+    n_chunks = -(-T // b)
+    pad = n_chunks * b - T
+    dtype = v.dtype
+
+    def pad_steps(x, value):
+        widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
+        return jnp.pad(x, widths, constant_values=value)
+
+    step_valid = pad_steps(jnp.ones((T,), dtype), 0.0)
+    lr_p = pad_steps(lr, 0.0)
+    decay_p = pad_steps(decay, 1.0)
+    momentum_p = pad_steps(momentum, 1.0)
+    gamma_p = pad_steps(gamma, 0.0)
+    fq_p = pad_steps(features_q, 0.0)
+
+    ext_features = jnp.concatenate([state.window_features, pad_steps(features_k, 0.0)])
+    ext_values = jnp.concatenate([state.window_values, pad_steps(v, 0.0)])
+    token_gates = gamma_p if gamma.ndim == 1 else jnp.ones((n_chunks * b,), dtype)
+    ext_gates = jnp.concatenate([state.window_gates, token_gates])
+    ext_mask = jnp.concatenate([state.window_mask.astype(dtype), step_valid])
+
+    gates = _band_gates(gamma_p, ext_gates, ext_mask, step_valid, c, n_chunks, b)
+    n_e = b + c - 1
+    token_index = (jnp.arange(n_chunks) * b)[:, None] + jnp.arange(n_e)[None, :]
+    chunks = _Chunk(
+        features_e=ext_features[token_index],
+        values_e=ext_values[token_index],
+        gates=gates,
+        features_q=fq_p.reshape(n_chunks, b, -1),
+        lr=lr_p.reshape(n_chunks, b),
+        decay=decay_p.reshape(n_chunks, b),
+        momentum=momentum_p.reshape(n_chunks, b),
+        valid=step_valid.reshape(n_chunks, b),
+    )
+
+    memory = state.memory
+    params, static = eqx.partition(memory, eqx.is_inexact_array)
+    identity_precondition = optimizer.precondition is iopt.no_precondition
+    dual = identity_precondition and not decay_first and not force_materialised
+    uses_momentum = optimizer.uses_momentum
+
+    if dual and isinstance(memory, LinearMemory):
+
+        def body(carry, chunk):
+            W, S = carry
+            y, W, S = _linear_dual_chunk(W, S, chunk, objective)
+            return (W, S), y
+
+        S0 = state.optimizer_state.momentum.weight if uses_momentum else None
+        (W, S), y = _scan_chunks(body, (memory.weight, S0), chunks, remat)
+        new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
+        new_opt = (
+            iopt.MomentumState(eqx.tree_at(lambda m: m.weight, state.optimizer_state.momentum, S))
+            if uses_momentum
+            else state.optimizer_state
+        )
+    elif dual and isinstance(memory, MLPMemory):
+
+        def body(carry, chunk):
+            mem, S = carry
+            y, mem, S = _mlp_dual_chunk(mem, S, chunk, objective)
+            return (mem, S), y
+
+        S0 = state.optimizer_state.momentum.weights if uses_momentum else None
+        (new_memory, S), y = _scan_chunks(body, (memory, S0), chunks, remat)
+        new_opt = (
+            iopt.MomentumState(eqx.tree_at(lambda m: m.weights, state.optimizer_state.momentum, S))
+            if uses_momentum
+            else state.optimizer_state
+        )
+    else:
+        if muon_per_chunk:
+            if not uses_momentum:
+                raise ValueError("omega_scan: `muon_per_chunk` needs a learner with momentum")
+            if decay_first:
+                raise ValueError("omega_scan: `muon_per_chunk` does not support `decay_first`")
+
+            def body(carry, chunk):
+                p, opt_state = carry
+                y, p, opt_state = _per_chunk_muon_chunk(
+                    p, static, opt_state, chunk, objective=objective, optimizer=optimizer
+                )
+                return (p, opt_state), y
+        else:
+
+            def body(carry, chunk):
+                p, opt_state = carry
+                y, p, opt_state = _materialised_chunk(
+                    p,
+                    static,
+                    opt_state,
+                    chunk,
+                    objective=objective,
+                    optimizer=optimizer,
+                    decay_first=decay_first,
+                )
+                return (p, opt_state), y
+
+        (params, new_opt), y = _scan_chunks(body, (params, state.optimizer_state), chunks, remat)
+        new_memory = eqx.combine(params, static)
+
+    y = y.reshape(n_chunks * b, -1)[:T]
+    keep = c - 1
+    all_features = jnp.concatenate([state.window_features, features_k])
+    all_values = jnp.concatenate([state.window_values, v])
+    all_gates = jnp.concatenate(
+        [state.window_gates, gamma if gamma.ndim == 1 else jnp.ones((T,), dtype)]
+    )
+    all_mask = jnp.concatenate([state.window_mask, jnp.ones((T,), bool)])
+    new_state = OmegaState(
+        memory=new_memory,
+        optimizer_state=new_opt,
+        window_features=all_features[all_features.shape[0] - keep :],
+        window_values=all_values[all_values.shape[0] - keep :],
+        window_gates=(
+            all_gates[all_gates.shape[0] - keep :] if gamma.ndim == 1 else jnp.ones((keep,), dtype)
+        ),
+        window_mask=all_mask[all_mask.shape[0] - keep :],
+    )
+    return y, new_state
+
+
+def _scan_chunks(body, carry, chunks: _Chunk, remat: bool):
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, carry, chunks)

@@ -1,0 +1,154 @@
+"""`atlas-eqx bench scan`: sequential versus chunked `omega_scan`, side by side in one run."""
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import atlas_eqx as ae
+import optimizers as iopt
+
+
+@dataclass(frozen=True)
+class ScanBenchConfig:
+    lengths: tuple[int, ...] = (512, 2048, 8192)
+    chunk_sizes: tuple[int, ...] = (16, 64)
+    d_k: int = 32
+    d_v: int = 32
+    hidden: int = 64
+    window: int = 4
+    repeats: int = 3
+    methods: tuple[str, ...] = ("sequential", "chunked")
+    setups: tuple[str, ...] = ("linear+gd", "mlp+momentum", "mlp+muon")
+    max_sequential_length: int = 8192
+
+
+def _setup(name: str, d_k: int, d_v: int, hidden: int, key):
+    if name == "linear+gd":
+        return ae.LinearMemory(d_k, d_v, key=key), iopt.gd()
+    if name == "mlp+momentum":
+        return ae.MLPMemory(d_k, d_v, key=key, hidden=hidden), iopt.momentum()
+    if name == "mlp+muon":
+        return ae.MLPMemory(d_k, d_v, key=key, hidden=hidden), iopt.muon()
+    raise ValueError(f"unknown benchmark setup {name!r}")
+
+
+def _inputs(T: int, d_k: int, d_v: int, key):
+    kq, kk, kv, kg = jax.random.split(key, 4)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(jax.random.normal(kq, (T, d_k)))
+    k = unit(jax.random.normal(kk, (T, d_k)))
+    v = jax.random.normal(kv, (T, d_v))
+    gates = jax.nn.sigmoid(jax.random.normal(kg, (4, T)))
+    return q, k, v, 0.1 * gates[0], 0.9 + 0.1 * gates[1], gates[2], gates[3]
+
+
+def _functions(memory, optimizer, window: int, chunk_size: int, method: str):
+    def forward(memory, q, k, v, lr, decay, momentum, gamma):
+        y, _ = ae.omega_scan(
+            memory,
+            q,
+            k,
+            v,
+            lr,
+            decay,
+            momentum if optimizer.uses_momentum else None,
+            gamma,
+            optimizer=optimizer,
+            window=window,
+            chunk_size=chunk_size,
+            method=method,  # pyright: ignore[reportArgumentType]
+        )
+        return y
+
+    def loss(memory, q, k, v, lr, decay, momentum, gamma):
+        return jnp.mean(forward(memory, q, k, v, lr, decay, momentum, gamma) ** 2)
+
+    return eqx.filter_jit(forward), eqx.filter_jit(eqx.filter_grad(loss))
+
+
+def _time(fn: Callable, args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_bytes(fn, args) -> int | None:
+    try:
+        compiled = fn.lower(*args).compile()
+        analysis = compiled.memory_analysis()
+    except Exception:  # memory analysis is not available on every backend
+        return None
+    if analysis is None:
+        return None
+    return int(
+        analysis.temp_size_in_bytes
+        + analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict]:
+    key = jax.random.key(0)
+    rows = []
+    print(
+        f"omega_scan benchmark on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"d_k=d_v={config.d_k}, MLP hidden={config.hidden}, window c={config.window}, "
+        f"float32, median of {config.repeats}. Peak = XLA buffer assignment of the compiled "
+        "forward+backward (arguments + outputs + temporaries)."
+    )
+    header = (
+        f"{'setup':14s}{'T':>6s}{'b':>4s}{'method':>12s}{'fwd tok/s':>12s}{'f+b tok/s':>12s}"
+        f"{'peak MiB':>10s}{'B/token':>9s}{'fwd x':>7s}{'f+b x':>7s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for setup in config.setups:
+        memory, optimizer = _setup(setup, config.d_k, config.d_v, config.hidden, key)
+        for T in config.lengths:
+            args_tail = _inputs(T, config.d_k, config.d_v, jax.random.fold_in(key, T))
+            for b in config.chunk_sizes:
+                baseline = None
+                for method in config.methods:
+                    if method == "sequential" and T > config.max_sequential_length:
+                        continue
+                    forward, backward = _functions(memory, optimizer, config.window, b, method)
+                    args = (memory, *args_tail)
+                    fwd = _time(forward, args, config.repeats)
+                    bwd = _time(backward, args, config.repeats)
+                    peak = _peak_bytes(backward, args)
+                    row = dict(
+                        setup=setup,
+                        T=T,
+                        b=b,
+                        method=method,
+                        forward_tokens_per_s=T / fwd,
+                        backward_tokens_per_s=T / bwd,
+                        peak_bytes=peak,
+                    )
+                    rows.append(row)
+                    if method == "sequential":
+                        baseline = row
+                    ratio_f = ratio_b = ""
+                    if baseline is not None and method != "sequential":
+                        ratio_f = (
+                            f"{row['forward_tokens_per_s'] / baseline['forward_tokens_per_s']:.1f}"
+                        )
+                        ratio_b = f"{row['backward_tokens_per_s'] / baseline['backward_tokens_per_s']:.1f}"
+                    peak_mib = f"{peak / 2**20:.1f}" if peak is not None else "n/a"
+                    per_token = f"{peak / T:.0f}" if peak is not None else "n/a"
+                    print(
+                        f"{setup:14s}{T:6d}{b:4d}{method:>12s}{T / fwd:12.0f}{T / bwd:12.0f}"
+                        f"{peak_mib:>10s}{per_token:>9s}{ratio_f:>7s}{ratio_b:>7s}",
+                        flush=True,
+                    )
+    return rows
