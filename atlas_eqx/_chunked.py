@@ -8,12 +8,14 @@ g_n = \sum_{i\in E}\Gamma[n,i]\,\nabla\ell_i(W_s),$$
 
 with $L_\alpha[t,m] = \prod_{j=m+1}^{t}\alpha_j$, $A_t = \prod_{j\le t}\alpha_j$ (chunk-local), and
 $\Gamma$ the banded window-gate matrix over the extended token set $E$ (the chunk plus the $c-1$
-tokens before it). Three forms compute this, each tested against `sequential_scan`:
+tokens before it). Only the anchor update is sequential over chunks; the coefficients before
+the chunk loop and the dual-form reads after it are batched over all chunks. Three forms
+compute this, each tested against `sequential_scan`:
 
-- `_linear_dual_chunk`: linear memory, GD or momentum. Never forms per-position weights:
+- `_linear_dual_scan`: linear memory, GD or momentum. Never forms per-position weights:
   $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with $C = L_\alpha
   \mathrm{diag}(\eta)L_\theta\Gamma$.
-- `_mlp_dual_chunk`: `MLPMemory`, GD or momentum. Every per-token gradient of every layer is a
+- `_mlp_dual_scan`: `MLPMemory`, GD or momentum. Every per-token gradient of every layer is a
   rank-1 outer product $\delta_i h_i^\top$, so each layer's read is the same dual form.
 - `_materialised_chunk`: anything else (Muon, gated MLP, `decay_first`): per-position momentum and
   weights, batched preconditioning (Newton-Schulz over positions), per-position reads.
@@ -35,14 +37,15 @@ from ._state import OmegaState
 def decay_matrix(alpha: Float[Array, " b"]) -> Float[Array, "b b"]:
     r"""$L[t, m] = \prod_{j=m+1}^{t}\alpha_j$ for $m \le t$, else 0.
 
-    A masked cumulative product rather than differences of cumulative log sums, so it is exact
-    (no $-\infty + \infty$) when some $\alpha_j = 0$, and so are its gradients.
+    A masked cumulative product (an associative scan, O(b^2 log b)) rather than differences of
+    cumulative log sums, so it is exact (no $-\infty + \infty$) when some $\alpha_j = 0$, and
+    so are its gradients.
     """
     b = alpha.shape[0]
     idx = jnp.arange(b)
     later = idx[:, None] > idx[None, :]
     factors = jnp.where(later, alpha[:, None], jnp.ones((), alpha.dtype))
-    return jnp.cumprod(factors, axis=0) * (idx[:, None] >= idx[None, :])
+    return jax.lax.associative_scan(jnp.multiply, factors, axis=0) * (idx[:, None] >= idx[None, :])
 
 
 def _batched_matmul(L: Float[Array, "b b"], tree: PyTree) -> PyTree:
@@ -68,85 +71,137 @@ def _output_grad(objective, prediction, target):
     return jax.grad(objective)(prediction, target)
 
 
-def _coefficients(chunk: _Chunk, uses_momentum: bool):
-    """C (b, n_E) mapping per-token gradients to W_t, its momentum analogue, and S_s factors."""
+class _Coefficients(eqx.Module):
+    A: Float[Array, " b"]  # prod_{j<=t} alpha_j
+    B: Float[Array, " b"]  # prod_{j<=t} theta_j
+    C: Float[Array, "b n_e"]  # per-token gradient -> W_t
+    c_S: Float[Array, " b"]  # S_s -> W_t
+    C_S: Float[Array, " n_e"]  # per-token gradient -> S at the chunk end
+
+
+def _coefficients(chunk: _Chunk, uses_momentum: bool) -> _Coefficients:
     L_alpha = decay_matrix(chunk.decay)
     A = jnp.cumprod(chunk.decay)
     eta_L = L_alpha * chunk.lr[None, :]
     if uses_momentum:
         L_theta = decay_matrix(chunk.momentum)
         B = jnp.cumprod(chunk.momentum)
-        C = eta_L @ L_theta @ chunk.gates
-        c_S = eta_L @ B
-        C_S = L_theta[-1] @ chunk.gates
-    else:
-        B = jnp.zeros_like(A)
-        C = eta_L @ chunk.gates
-        c_S = jnp.zeros_like(A)
-        C_S = jnp.zeros(chunk.gates.shape[1], A.dtype)
-    return A, B, C, c_S, C_S
+        return _Coefficients(
+            A=A,
+            B=B,
+            C=eta_L @ L_theta @ chunk.gates,
+            c_S=eta_L @ B,
+            C_S=L_theta[-1] @ chunk.gates,
+        )
+    zeros = jnp.zeros_like(A)
+    return _Coefficients(
+        A=A,
+        B=zeros,
+        C=eta_L @ chunk.gates,
+        c_S=zeros,
+        C_S=jnp.zeros_like(chunk.gates[0]),
+    )
 
 
-def _linear_dual_chunk(
-    W: Float[Array, "d_out d_in"],
-    S: Float[Array, "d_out d_in"] | None,
-    chunk: _Chunk,
-    objective: Callable[..., Scalar],
-):
-    A, B, C, c_S, C_S = _coefficients(chunk, S is not None)
-    Phi, Q = chunk.features_e, chunk.features_q
-    residual = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, Phi @ W.T, chunk.values_e)
-    y = A[:, None] * (Q @ W.T) - (C * (Q @ Phi.T)) @ residual
-    W_end = A[-1] * W - (C[-1][:, None] * residual).T @ Phi
-    if S is None:
-        return y, W_end, None
-    y = y - c_S[:, None] * (Q @ S.T)
-    W_end = W_end - c_S[-1] * S
-    S_end = B[-1] * S + (C_S[:, None] * residual).T @ Phi
-    return y, W_end, S_end
+def _linear_dual_scan(W, S, chunks: _Chunk, objective, remat: bool):
+    """Linear memory: the chunk loop only carries $(W_s, S_s)$; every read is batched after it."""
+    coeffs = jax.vmap(_coefficients, in_axes=(0, None))(chunks, S is not None)
+
+    def body(carry, inputs):
+        W, S = carry
+        Phi, V, c = inputs
+        residual = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, Phi @ W.T, V)
+        W_end = c.A[-1] * W - (c.C[-1][:, None] * residual).T @ Phi
+        if S is None:
+            return (W_end, None), (W, None, residual)
+        W_end = W_end - c.c_S[-1] * S
+        S_end = c.B[-1] * S + (c.C_S[:, None] * residual).T @ Phi
+        return (W_end, S_end), (W, S, residual)
+
+    inputs = (chunks.features_e, chunks.values_e, coeffs)
+    (W, S), (anchors, anchor_momenta, residuals) = _scan_chunks(body, (W, S), inputs, remat)
+    Q, Phi = chunks.features_q, chunks.features_e
+    y = coeffs.A[..., None] * jnp.einsum("nbd,nvd->nbv", Q, anchors)
+    y = y - jnp.einsum("nbe,nev->nbv", coeffs.C * jnp.einsum("nbd,ned->nbe", Q, Phi), residuals)
+    if S is not None:
+        y = y - coeffs.c_S[..., None] * jnp.einsum("nbd,nvd->nbv", Q, anchor_momenta)
+    return y, W, S
 
 
-def _mlp_dual_chunk(
-    memory: MLPMemory,
-    S: tuple[Array, ...] | None,
-    chunk: _Chunk,
-    objective: Callable[..., Scalar],
-):
-    A, B, C, c_S, C_S = _coefficients(chunk, S is not None)
-    weights = memory.weights
-    X = chunk.features_e
+def _mlp_gradient_factors(memory: MLPMemory, X, V, objective):
+    r"""Per-token inputs $h^{l-1}_i$ and output cotangents $\delta^l_i$ of every layer at $W_s$."""
     inputs, pre_activations = [X], []
     h = X
-    for weight in weights[:-1]:
+    for weight in memory.weights[:-1]:
         z = h @ weight.T
         pre_activations.append(z)
         h = memory.activation(z)
         inputs.append(h)
-    out = h @ weights[-1].T
+    out = h @ memory.weights[-1].T
     if memory.residual:
         out = out + X
-    delta = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, out, chunk.values_e)
+    delta = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, out, V)
     deltas = [delta]
-    for weight, z in zip(weights[:0:-1], pre_activations[::-1], strict=True):
+    for weight, z in zip(memory.weights[:0:-1], pre_activations[::-1], strict=True):
         _, activation_vjp = jax.vjp(memory.activation, z)
         (delta,) = activation_vjp(delta @ weight)
         deltas.append(delta)
-    deltas = deltas[::-1]
+    return tuple(inputs), tuple(deltas[::-1])
 
-    g = chunk.features_q
-    new_weights, new_momenta = [], []
-    for layer, (weight, h_in, delta) in enumerate(zip(weights, inputs, deltas, strict=True)):
-        pre = A[:, None] * (g @ weight.T) - (C * (g @ h_in.T)) @ delta
-        W_end = A[-1] * weight - (C[-1][:, None] * delta).T @ h_in
+
+def _mlp_dual_read(memory: MLPMemory, S, inputs, deltas, Q, c: _Coefficients):
+    r"""Exact per-position reads $\mathcal M(q_t; W_t)$ without forming any $W_t$."""
+    g = Q
+    n_layers = len(memory.weights)
+    for layer, (weight, h_in, delta) in enumerate(zip(memory.weights, inputs, deltas, strict=True)):
+        pre = c.A[:, None] * (g @ weight.T) - (c.C * (g @ h_in.T)) @ delta
         if S is not None:
-            pre = pre - c_S[:, None] * (g @ S[layer].T)
-            W_end = W_end - c_S[-1] * S[layer]
-            new_momenta.append(B[-1] * S[layer] + (C_S[:, None] * delta).T @ h_in)
-        new_weights.append(W_end)
-        g = memory.activation(pre) if layer < len(weights) - 1 else pre
-    y = g + chunk.features_q if memory.residual else g
-    new_memory = eqx.tree_at(lambda m: m.weights, memory, tuple(new_weights))
-    return y, new_memory, (tuple(new_momenta) if S is not None else None)
+            pre = pre - c.c_S[:, None] * (g @ S[layer].T)
+        g = memory.activation(pre) if layer < n_layers - 1 else pre
+    return g + Q if memory.residual else g
+
+
+def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool):
+    r"""`MLPMemory`: each layer's per-token gradients are rank-1, $\delta_i h_i^\top$."""
+    coeffs = jax.vmap(_coefficients, in_axes=(0, None))(chunks, S is not None)
+
+    def body(carry, xs):
+        memory, S = carry
+        X, V, c = xs
+        inputs, deltas = _mlp_gradient_factors(memory, X, V, objective)
+        weights = []
+        momenta = []
+        for layer, (weight, h_in, delta) in enumerate(
+            zip(memory.weights, inputs, deltas, strict=True)
+        ):
+            W_end = c.A[-1] * weight - (c.C[-1][:, None] * delta).T @ h_in
+            if S is not None:
+                W_end = W_end - c.c_S[-1] * S[layer]
+                momenta.append(c.B[-1] * S[layer] + (c.C_S[:, None] * delta).T @ h_in)
+            weights.append(W_end)
+        new_memory = eqx.tree_at(lambda m: m.weights, memory, tuple(weights))
+        new_S = tuple(momenta) if S is not None else None
+        return (new_memory, new_S), (memory, S, inputs, deltas)
+
+    params, static = eqx.partition(memory, eqx.is_inexact_array)
+
+    def array_body(carry, xs):
+        p, S = carry
+        (m, S), (anchor, anchor_S, inputs, deltas) = body((eqx.combine(p, static), S), xs)
+        return (eqx.filter(m, eqx.is_inexact_array), S), (
+            eqx.filter(anchor, eqx.is_inexact_array),
+            anchor_S,
+            inputs,
+            deltas,
+        )
+
+    xs = (chunks.features_e, chunks.values_e, coeffs)
+    (params, S), (anchors, anchor_S, inputs, deltas) = _scan_chunks(
+        array_body, (params, S), xs, remat
+    )
+    read = lambda p, s, i, d, q, c: _mlp_dual_read(eqx.combine(p, static), s, i, d, q, c)
+    y = jax.vmap(read)(anchors, anchor_S, inputs, deltas, chunks.features_q, coeffs)
+    return y, eqx.combine(params, static), S
 
 
 def _materialised_chunk(
@@ -346,14 +401,8 @@ def chunked_scan(
     uses_momentum = optimizer.uses_momentum
 
     if dual and isinstance(memory, LinearMemory):
-
-        def body(carry, chunk):
-            W, S = carry
-            y, W, S = _linear_dual_chunk(W, S, chunk, objective)
-            return (W, S), y
-
         S0 = state.optimizer_state.momentum.weight if uses_momentum else None
-        (W, S), y = _scan_chunks(body, (memory.weight, S0), chunks, remat)
+        y, W, S = _linear_dual_scan(memory.weight, S0, chunks, objective, remat)
         new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weight, state.optimizer_state.momentum, S))
@@ -361,14 +410,8 @@ def chunked_scan(
             else state.optimizer_state
         )
     elif dual and isinstance(memory, MLPMemory):
-
-        def body(carry, chunk):
-            mem, S = carry
-            y, mem, S = _mlp_dual_chunk(mem, S, chunk, objective)
-            return (mem, S), y
-
         S0 = state.optimizer_state.momentum.weights if uses_momentum else None
-        (new_memory, S), y = _scan_chunks(body, (memory, S0), chunks, remat)
+        y, new_memory, S = _mlp_dual_scan(memory, S0, chunks, objective, remat)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weights, state.optimizer_state.momentum, S))
             if uses_momentum

@@ -84,6 +84,7 @@ def _time(fn: Callable, args, repeats: int) -> float:
 def _peak_bytes(fn, args) -> int | None:
     try:
         compiled = fn.lower(*args).compile()
+        compiled = getattr(compiled, "compiled", compiled)  # equinox wraps jax's Compiled
         analysis = compiled.memory_analysis()
     except Exception:  # memory analysis is not available on every backend
         return None
