@@ -57,14 +57,14 @@ def _scale_rows(w: Float[Array, " b"], tree: PyTree) -> PyTree:
 
 
 class _Chunk(eqx.Module):
-    features_e: Float[Array, "n_e d_in"]
-    values_e: Float[Array, "n_e d_out"]
-    gates: Float[Array, "b n_e"]
-    features_q: Float[Array, "b d_in"]
-    lr: Float[Array, " b"]
-    decay: Float[Array, " b"]
-    momentum: Float[Array, " b"]
-    valid: Float[Array, " b"]
+    features_e: Float[Array, "*chunks n_e d_in"]
+    values_e: Float[Array, "*chunks n_e d_out"]
+    gates: Float[Array, "*chunks b n_e"]
+    features_q: Float[Array, "*chunks b d_in"]
+    lr: Float[Array, "*chunks b"]
+    decay: Float[Array, "*chunks b"]
+    momentum: Float[Array, "*chunks b"]
+    valid: Float[Array, "*chunks b"]
 
 
 def _output_grad(objective, prediction, target):
@@ -72,11 +72,11 @@ def _output_grad(objective, prediction, target):
 
 
 class _Coefficients(eqx.Module):
-    A: Float[Array, " b"]  # prod_{j<=t} alpha_j
-    B: Float[Array, " b"]  # prod_{j<=t} theta_j
-    C: Float[Array, "b n_e"]  # per-token gradient -> W_t
-    c_S: Float[Array, " b"]  # S_s -> W_t
-    C_S: Float[Array, " n_e"]  # per-token gradient -> S at the chunk end
+    A: Float[Array, "*chunks b"]  # prod_{j<=t} alpha_j
+    B: Float[Array, "*chunks b"]  # prod_{j<=t} theta_j
+    C: Float[Array, "*chunks b n_e"]  # per-token gradient -> W_t
+    c_S: Float[Array, "*chunks b"]  # S_s -> W_t
+    C_S: Float[Array, "*chunks n_e"]  # per-token gradient -> S at the chunk end
 
 
 def _coefficients(chunk: _Chunk, uses_momentum: bool) -> _Coefficients:
@@ -469,7 +469,7 @@ def chunked_scan(
     return y, new_state
 
 
-def _scan_chunks(body, carry, chunks: _Chunk, remat: bool):
+def _scan_chunks(body, carry, chunks: PyTree, remat: bool):
     if remat:
         body = jax.checkpoint(body)
     return jax.lax.scan(body, carry, chunks)

@@ -17,9 +17,9 @@ import optimizers as iopt
 class ScanBenchConfig:
     lengths: tuple[int, ...] = (512, 2048, 8192)
     chunk_sizes: tuple[int, ...] = (16, 64)
-    d_k: int = 32
-    d_v: int = 32
-    hidden: int = 64
+    d_k: int = 64
+    d_v: int = 64
+    hidden: int = 128
     window: int = 4
     repeats: int = 3
     methods: tuple[str, ...] = ("sequential", "chunked")

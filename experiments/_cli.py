@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["linear+gd", "mlp+momentum", "mlp+muon"],
     )
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept")
-    bench.add_argument("--dim", type=int, default=32, help="d_k = d_v (default 32)")
-    bench.add_argument("--hidden", type=int, default=64, help="MLP memory width (default 64)")
+    bench.add_argument(
+        "--dim", type=int, default=64, help="d_k = d_v (default 64, the 340M head dim)"
+    )
+    bench.add_argument("--hidden", type=int, default=128, help="MLP memory width (default 128)")
     bench.add_argument("--window", type=int, default=4, help="Omega window c (default 4)")
     bench.set_defaults(run=_bench)
     return parser
