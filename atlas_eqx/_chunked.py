@@ -21,6 +21,7 @@ compute this, each tested against `sequential_scan`:
   weights, batched preconditioning (Newton-Schulz over positions), per-position reads.
 """
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -204,6 +205,11 @@ def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool)
     return y, eqx.combine(params, static), S
 
 
+def _token_losses(static, objective, features, values, params) -> Float[Array, " n_e"]:
+    memory = eqx.combine(params, static)
+    return jax.vmap(lambda x, v: objective(memory(x), v))(features, values)
+
+
 def _materialised_chunk(
     params: PyTree,
     static: PyTree,
@@ -218,9 +224,9 @@ def _materialised_chunk(
     A = jnp.cumprod(chunk.decay)
     L_alpha = decay_matrix(chunk.decay)
 
-    def token_losses(p):
-        memory = eqx.combine(p, static)
-        return jax.vmap(lambda x, v: objective(memory(x), v))(chunk.features_e, chunk.values_e)
+    token_losses = functools.partial(
+        _token_losses, static, objective, chunk.features_e, chunk.values_e
+    )
 
     if decay_first:
 
@@ -281,9 +287,9 @@ def _per_chunk_muon_chunk(
     A = jnp.cumprod(chunk.decay)
     L_alpha = decay_matrix(chunk.decay)
 
-    def token_losses(p):
-        memory = eqx.combine(p, static)
-        return jax.vmap(lambda x, v: objective(memory(x), v))(chunk.features_e, chunk.values_e)
+    token_losses = functools.partial(
+        _token_losses, static, objective, chunk.features_e, chunk.values_e
+    )
 
     _, vjp = jax.vjp(token_losses, params)
     weighted_gates = chunk.gates

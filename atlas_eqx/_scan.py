@@ -137,42 +137,21 @@ def omega_scan(
 
     features_q = feature_map(q)
     features_k = feature_map(k)
-    if method == "sequential":
-        return sequential_scan(
-            state,
-            features_q,
-            features_k,
-            v,
-            lr,
-            decay,
-            momentum,
-            gamma,
-            objective=objective,
-            optimizer=optimizer,
-            window=window,
-            chunk_size=chunk_size,
-            decay_first=decay_first,
+    if method == "pallas":
+        raise NotImplementedError(
+            "omega_scan: method='pallas' is not implemented yet; use 'sequential' or 'chunked'"
         )
-    if method == "chunked":
-        return _chunked_scan_jit(
-            state,
-            features_q,
-            features_k,
-            v,
-            lr,
-            decay,
-            momentum,
-            gamma,
-            objective=objective,
-            optimizer=optimizer,
-            window=window,
-            chunk_size=chunk_size,
-            decay_first=decay_first,
-            muon_per_chunk=muon_per_chunk,
-        )
-    raise NotImplementedError(
-        f"omega_scan: method={method!r} is not implemented yet; use method='sequential'"
+    arrays = (state, features_q, features_k, v, lr, decay, momentum, gamma)
+    options = dict(
+        objective=objective,
+        optimizer=optimizer,
+        window=window,
+        chunk_size=chunk_size,
+        decay_first=decay_first,
     )
+    if method == "sequential":
+        return sequential_scan(*arrays, **options)
+    return _chunked_scan_jit(*arrays, **options, muon_per_chunk=muon_per_chunk)
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)
