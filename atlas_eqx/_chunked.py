@@ -23,6 +23,7 @@ compute this, each tested against `sequential_scan`:
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -430,26 +431,21 @@ def chunked_scan(
             if decay_first:
                 raise ValueError("omega_scan: `muon_per_chunk` does not support `decay_first`")
 
-            def body(carry, chunk):
-                p, opt_state = carry
-                y, p, opt_state = _per_chunk_muon_chunk(
-                    p, static, opt_state, chunk, objective=objective, optimizer=optimizer
-                )
-                return (p, opt_state), y
+            chunk_step = functools.partial(
+                _per_chunk_muon_chunk, objective=objective, optimizer=optimizer
+            )
         else:
+            chunk_step = functools.partial(
+                _materialised_chunk,
+                objective=objective,
+                optimizer=optimizer,
+                decay_first=decay_first,
+            )
 
-            def body(carry, chunk):
-                p, opt_state = carry
-                y, p, opt_state = _materialised_chunk(
-                    p,
-                    static,
-                    opt_state,
-                    chunk,
-                    objective=objective,
-                    optimizer=optimizer,
-                    decay_first=decay_first,
-                )
-                return (p, opt_state), y
+        def body(carry, chunk):
+            p, opt_state = carry
+            y, p, opt_state = chunk_step(p, static, opt_state, chunk)
+            return (p, opt_state), y
 
         (params, new_opt), y = _scan_chunks(body, (params, state.optimizer_state), chunks, remat)
         new_memory = eqx.combine(params, static)
@@ -475,7 +471,7 @@ def chunked_scan(
     return y, new_state
 
 
-def _scan_chunks(body, carry, chunks: PyTree, remat: bool):
+def _scan_chunks(body, carry, chunks: PyTree, remat: bool) -> tuple[Any, Any]:
     if remat:
         body = jax.checkpoint(body)
     return jax.lax.scan(body, carry, chunks)

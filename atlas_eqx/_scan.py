@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -142,7 +142,7 @@ def omega_scan(
             "omega_scan: method='pallas' is not implemented yet; use 'sequential' or 'chunked'"
         )
     arrays = (state, features_q, features_k, v, lr, decay, momentum, gamma)
-    options = dict(
+    options: dict[str, Any] = dict(
         objective=objective,
         optimizer=optimizer,
         window=window,

@@ -4,6 +4,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -102,7 +103,7 @@ def _peak_bytes(fn, args) -> int | None:
     )
 
 
-def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict]:
+def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict[str, Any]]:
     key = jax.random.key(0)
     rows = []
     print(
@@ -135,7 +136,7 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                     fwd = _time(forward, args, config.repeats)
                     bwd = _time(backward, args, config.repeats)
                     peak = _peak_bytes(backward, args)
-                    row = dict(
+                    row: dict[str, Any] = dict(
                         setup=setup,
                         T=T,
                         b=b,
