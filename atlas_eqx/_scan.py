@@ -111,6 +111,13 @@ def omega_scan(
         )
     if muon_per_chunk and method != "chunked":
         raise ValueError("omega_scan: `muon_per_chunk=True` needs method='chunked'")
+    if muon_per_chunk and (
+        not optimizer.uses_momentum or optimizer.precondition is iopt.no_precondition
+    ):
+        raise ValueError(
+            "omega_scan: `muon_per_chunk=True` needs a Muon learner (momentum and a "
+            "Newton-Schulz preconditioner, e.g. optimizers.muon())"
+        )
     if method != "sequential" and optimizer.precondition is None:
         raise ValueError(
             f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "

@@ -585,7 +585,7 @@ SPLIT_CONFIGS = [
     ("linear", "momentum", 3, 3, "token", "poly2", False),
     ("mlp2", "gd", 2, 2, "step", "identity", False),
     ("mlp3", "muon", 5, 4, "token", "identity", False),
-    ("gated", "muon_eta_inside", 2, 3, "step", "poly2", True),
+    ("linear", "muon_eta_inside", 2, 3, "step", "poly2", True),
 ]
 
 
