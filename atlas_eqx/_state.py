@@ -17,6 +17,10 @@ class OmegaState(eqx.Module):
       the last $c - 1$ tokens, oldest first, whose gradients enter the next steps' windows.
     - `window_mask`: which of those slots hold a real token (the first $c-1$ steps of a
       sequence have fewer predecessors).
+
+    Per-token gates (`gamma` of shape `(T,)`) travel with their tokens in `window_gates`. A call
+    with per-step gates (`(T, c)`) stores ones there, since its gates belong to steps, not
+    tokens; resume such a state with per-step gates again.
     """
 
     memory: AbstractMemory
