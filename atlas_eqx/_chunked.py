@@ -50,10 +50,6 @@ def decay_matrix(alpha: Float[Array, " b"]) -> Float[Array, "b b"]:
     return jax.lax.associative_scan(jnp.multiply, factors, axis=0) * (idx[:, None] >= idx[None, :])
 
 
-def _batched_matmul(L: Float[Array, "b b"], tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jnp.tensordot(L, x, axes=1), tree)
-
-
 def _scale_rows(w: Float[Array, " b"], tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: w.reshape((-1,) + (1,) * (x.ndim - 1)) * x, tree)
 
