@@ -90,6 +90,10 @@ def omega_scan(
         )
     if method not in _METHODS:
         raise ValueError(f"omega_scan: `method` must be one of {_METHODS}; got {method!r}")
+    if method == "pallas":
+        raise NotImplementedError(
+            "omega_scan: method='pallas' is not implemented yet; use 'sequential' or 'chunked'"
+        )
     d_features = feature_map.out_dim(d_k)
     if d_features != memory.d_in:
         raise ValueError(
@@ -144,10 +148,6 @@ def omega_scan(
 
     features_q = feature_map(q)
     features_k = feature_map(k)
-    if method == "pallas":
-        raise NotImplementedError(
-            "omega_scan: method='pallas' is not implemented yet; use 'sequential' or 'chunked'"
-        )
     arrays = (state, features_q, features_k, v, lr, decay, momentum, gamma)
     options: dict[str, Any] = dict(
         objective=objective,
