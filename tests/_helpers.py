@@ -53,6 +53,13 @@ class Inputs:
     momentum: np.ndarray | None
     gamma: np.ndarray | None
 
+    @property
+    def T(self) -> int:
+        return self.q.shape[0]
+
+    def arrays(self) -> tuple[Any, ...]:
+        return (self.q, self.k, self.v, self.lr, self.decay, self.momentum, self.gamma)
+
     def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Inputs":
         """Apply `fn` to every array (the optional gates stay None)."""
         return self.merge(self, lambda a, _: fn(a))

@@ -13,7 +13,6 @@ number of examples per test is scaled from the Hypothesis profile.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import equinox as eqx
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import Inputs
 from hypothesis import given, settings, strategies as st
 
 import atlas_eqx as ae
@@ -66,43 +66,6 @@ def make_memory(kind: str, d_in: int, seed: int, **kwargs: Any) -> ae.AbstractMe
     if kind == "gated":
         return ae.GatedMLPMemory(d_in, D, key=key, hidden=4, **kwargs)
     raise ValueError(kind)
-
-
-@dataclass
-class Inputs:
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    lr: np.ndarray
-    decay: np.ndarray
-    momentum: np.ndarray | None
-    gamma: np.ndarray | None
-
-    @property
-    def T(self) -> int:
-        return self.q.shape[0]
-
-    def arrays(self) -> tuple[Any, ...]:
-        return (self.q, self.k, self.v, self.lr, self.decay, self.momentum, self.gamma)
-
-    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> "Inputs":
-        return self.merge(self, lambda a, _: fn(a))
-
-    def merge(self, other: "Inputs", fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-        """Combine two inputs of the same layout field by field (optional gates stay None)."""
-
-        def both(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None or b is None else fn(a, b)
-
-        return Inputs(
-            fn(self.q, other.q),
-            fn(self.k, other.k),
-            fn(self.v, other.v),
-            fn(self.lr, other.lr),
-            fn(self.decay, other.decay),
-            both(self.momentum, other.momentum),
-            both(self.gamma, other.gamma),
-        )
 
 
 def make_inputs(
