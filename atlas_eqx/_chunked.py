@@ -354,12 +354,10 @@ def chunked_scan(
     remat: bool = True,
     force_materialised: bool = False,
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
-    """The chunk-parallel form of `sequential_scan` (same arguments, same results)."""
-    if optimizer.precondition is None:
-        raise ValueError(
-            "omega_scan: this `optimizer` (from_optax) is opaque; it runs only with "
-            "method='sequential'"
-        )
+    """The chunk-parallel form of `sequential_scan` (same arguments, same results).
+
+    Arguments are validated by `omega_scan`; this is the unchecked implementation.
+    """
     T = v.shape[0]
     b, c = chunk_size, window
     n_chunks = -(-T // b)
@@ -422,11 +420,6 @@ def chunked_scan(
         )
     else:
         if muon_per_chunk:
-            if not uses_momentum:
-                raise ValueError("omega_scan: `muon_per_chunk` needs a learner with momentum")
-            if decay_first:
-                raise ValueError("omega_scan: `muon_per_chunk` does not support `decay_first`")
-
             chunk_step = functools.partial(
                 _per_chunk_muon_chunk, objective=objective, optimizer=optimizer
             )

@@ -122,6 +122,8 @@ def omega_scan(
             "omega_scan: `muon_per_chunk=True` needs a Muon learner (momentum and a "
             "Newton-Schulz preconditioner, e.g. optimizers.muon())"
         )
+    if muon_per_chunk and decay_first:
+        raise ValueError("omega_scan: `muon_per_chunk=True` does not support `decay_first=True`")
     if method != "sequential" and optimizer.precondition is None:
         raise ValueError(
             f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "

@@ -253,3 +253,14 @@ def test_valid_edge_values_do_not_raise():
 def test_muon_per_chunk_needs_muon(optimizer):
     with pytest.raises(ValueError, match="muon_per_chunk"):
         _call(method="chunked", chunk_size=2, optimizer=optimizer, muon_per_chunk=True)
+
+
+def test_muon_per_chunk_rejects_decay_first():
+    with pytest.raises(ValueError, match="muon_per_chunk.*decay_first"):
+        _call(
+            method="chunked",
+            chunk_size=2,
+            optimizer=iopt.muon(),
+            muon_per_chunk=True,
+            decay_first=True,
+        )
