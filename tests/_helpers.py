@@ -118,14 +118,25 @@ def make_inputs(
     else:
         raise ValueError(gate_kind)
     if edges:
-        for gate in (lr, decay, momentum, gamma):
-            if gate is None:
-                continue
-            pick = rng.uniform(size=gate.shape)
-            gate[pick < 0.2] = 0.0
-            if gate is not lr:
-                gate[pick > 0.8] = 1.0
+        snap_gates_to_edges(rng, lr, (decay, momentum, gamma), one_above=0.8)
     return Inputs(q, k, v, lr, decay, momentum, gamma)
+
+
+def snap_gates_to_edges(
+    rng: np.random.Generator,
+    lr: np.ndarray,
+    unit_gates: tuple[np.ndarray | None, ...],
+    *,
+    one_above: float,
+) -> None:
+    """In place: about 20% of every gate to exactly 0, and of the [0, 1] gates some to exactly 1."""
+    for gate in (lr, *unit_gates):
+        if gate is None:
+            continue
+        pick = rng.uniform(size=gate.shape)
+        gate[pick < 0.2] = 0.0
+        if gate is not lr:
+            gate[pick > one_above] = 1.0
 
 
 def split_params(memory: ae.AbstractMemory) -> tuple[list[np.ndarray], Callable]:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import Inputs
+from _helpers import Inputs, snap_gates_to_edges
 from hypothesis import given, settings, strategies as st
 
 import atlas_eqx as ae
@@ -98,13 +98,7 @@ def make_inputs(
     else:
         raise ValueError(gate_kind)
     if edges:
-        for gate in (lr, decay, momentum, gamma):
-            if gate is None:
-                continue
-            pick = rng.uniform(size=gate.shape)
-            gate[pick < 0.2] = 0.0
-            if gate is not lr:
-                gate[pick > 0.85] = 1.0
+        snap_gates_to_edges(rng, lr, (decay, momentum, gamma), one_above=0.85)
     return Inputs(q, k, v, lr, decay, momentum, gamma)
 
 
