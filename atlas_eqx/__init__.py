@@ -3,6 +3,25 @@
 The one function every fast path is measured against is `omega_scan`.
 """
 
+from . import presets as presets
+from ._attention import (
+    AttentionLayer as AttentionLayer,
+    AttentionState as AttentionState,
+    causal_attention as causal_attention,
+    rope as rope,
+)
+from ._kernel import (
+    init_kernel_memory_state as init_kernel_memory_state,
+    kernel_memory_scan as kernel_memory_scan,
+    kernel_memory_stream as kernel_memory_stream,
+    KernelMemoryState as KernelMemoryState,
+)
+from ._layer import (
+    MemoryInputs as MemoryInputs,
+    MemoryLayer as MemoryLayer,
+    MemoryLayerConfig as MemoryLayerConfig,
+    MemoryLayerState as MemoryLayerState,
+)
 from ._memory import (
     AbstractMemory as AbstractMemory,
     GatedMLPMemory as GatedMLPMemory,

@@ -1,0 +1,335 @@
+r"""Kernel (non-parametric) memories: a linear memory on the infinite feature map $\phi^*$.
+
+With $W_0 = 0$ every write is a sum of outer products $\beta\,\phi(k_j)^\top$, so the memory is
+$W_t = \sum_{j\le t}\beta_{t,j}\,\phi(k_j)^\top$ and its read is
+$y_t = W_t\phi(q_t) = \sum_{j\le t}\beta_{t,j}\,\kappa(k_j, q_t)$ (the kernel trick, digest 5.1-5.5).
+The state is a KV cache: the keys and one coefficient vector $\beta_{t,j}\in\mathbb R^{d_v}$ per
+stored token. Training cost is $\mathcal O(T^2)$, like attention.
+
+- `rule="hebbian"` (DeepTransformer, SWDT; ATLAS Eqs 25-26, digest 5.2):
+  $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t} v_i\phi(k_i)^\top$, a closed quadratic form.
+- `rule="delta"` (Dot; ATLAS Eq 27 in the corrected form of digest 5.5):
+  $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t}(v_i - W_{t-1}\phi(k_i))\,\phi(k_i)^\top$, the
+  triangular residual recursion (digest I-31).
+"""
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from beartype import beartype
+from jaxtyping import Array, Float, Int, jaxtyped
+
+from ._chunked import decay_matrix
+
+
+KernelFn = Callable[[Array], Array]
+Kernel = Literal["exp"] | KernelFn
+Rule = Literal["hebbian", "delta"]
+_RULES = ("hebbian", "delta")
+
+
+class KernelMemoryState(eqx.Module):
+    r"""The streaming state of a kernel memory: a fixed-capacity cache of the tokens written so far.
+
+    Slot $j$ holds token $j$ of the stream ($j <$ `count`); the memory is
+    $W = \sum_{j<\mathrm{count}}$ `coefficients[j]` $\phi^*(\text{keys}[j])^\top$.
+
+    - `keys`: $k_j$, `(capacity, d_k)`.
+    - `values`: $v_j$ (augmented with a trailing 1 when `normalize=True`), `(capacity, d_v')`;
+      needed by the window terms of later steps.
+    - `coefficients`: $\beta_j$, `(capacity, d_v')`; retention $\alpha_t$ is applied to them in
+      place, so no per-token decay products are stored.
+    - `count`: the number of tokens written so far (an integer scalar).
+    """
+
+    keys: Float[Array, "capacity d_k"]
+    values: Float[Array, "capacity d_v_aug"]
+    coefficients: Float[Array, "capacity d_v_aug"]
+    count: Int[Array, ""]
+
+
+def init_kernel_memory_state(
+    max_length: int,
+    d_k: int,
+    d_v: int,
+    *,
+    normalize: bool = False,
+    dtype: jnp.dtype | type | None = None,
+) -> KernelMemoryState:
+    """The empty state ($W_0 = 0$) of a kernel memory that can hold `max_length` tokens.
+
+    **Arguments:**
+
+    - `max_length`: the capacity, the total number of tokens a stream may write.
+    - `d_k`, `d_v`: key and value dimensions.
+    - `normalize`: must match the `normalize` of `kernel_memory_stream` (it adds a value column).
+    - `dtype`: the floating dtype; defaults to JAX's default float.
+    """
+    for name, n in (("max_length", max_length), ("d_k", d_k), ("d_v", d_v)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(
+                f"init_kernel_memory_state: `{name}` must be an integer >= 1; got {n!r}"
+            )
+    dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
+    d_aug = d_v + 1 if normalize else d_v
+    return KernelMemoryState(
+        keys=jnp.zeros((max_length, d_k), dtype),
+        values=jnp.zeros((max_length, d_aug), dtype),
+        coefficients=jnp.zeros((max_length, d_aug), dtype),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def _check_options(
+    name: str, kernel: Kernel, rule: str, window: int | None, omega_window: int, scale: float | None
+) -> None:
+    if not (kernel == "exp" or callable(kernel)):
+        raise ValueError(f"{name}: `kernel` must be 'exp' or a callable; got {kernel!r}")
+    if rule not in _RULES:
+        raise ValueError(f"{name}: `rule` must be one of {_RULES}; got {rule!r}")
+    if window is not None and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
+        raise ValueError(f"{name}: `window` must be None or an integer >= 1; got {window!r}")
+    if not isinstance(omega_window, int) or isinstance(omega_window, bool) or omega_window < 1:
+        raise ValueError(
+            f"{name}: `omega_window` (c) must be an integer >= 1; got {omega_window!r}"
+        )
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}: `scale` must be None or a finite number > 0; got {scale!r}")
+    if rule == "delta" and window is not None:
+        raise ValueError(
+            f"{name}: `window` (the non-parametric sliding window) is only defined for "
+            "rule='hebbian': delta-rule residuals depend on evicted tokens. Use window=None "
+            "with rule='delta' (`omega_window` is the Omega window of Dot)"
+        )
+
+
+def _gates(
+    name: str, x: Float[Array | np.ndarray, " T"] | None, T: int, dtype, arg: str
+) -> Float[Array, " T"]:
+    if x is None:
+        return jnp.ones((T,), dtype)
+    x = jnp.asarray(x, dtype)
+    if x.shape != (T,):
+        raise ValueError(f"{name}: `{arg}` must have shape (T,) = ({T},); got {x.shape}")
+    if arg == "lr":
+        bad = ~jnp.all(x >= 0)
+        message = f"{name}: `lr` (eta_t) must be >= 0 (and not NaN)"
+    else:
+        bad = ~jnp.all((x >= 0) & (x <= 1))
+        message = f"{name}: `decay` (alpha_t) must be in [0, 1] (and not NaN)"
+    return eqx.error_if(x, bad, message)
+
+
+def _kernel_values(kernel: Kernel, s: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    return jnp.exp(s) if kernel == "exp" else kernel(s)
+
+
+def _augment(v: Float[Array, "T d_v"], normalize: bool) -> Float[Array, "T d_v_aug"]:
+    return jnp.concatenate([v, jnp.ones_like(v[:, :1])], axis=1) if normalize else v
+
+
+def _divide(y: Float[Array, "T d_v_aug"], normalize: bool) -> Float[Array, "T d_v"]:
+    return y[:, :-1] / y[:, -1:] if normalize else y
+
+
+def _prepare(name: str, q, k, v, lr, decay, scale: float | None):
+    T, d_k = q.shape
+    if k.shape != (T, d_k):
+        raise ValueError(
+            f"{name}: `k` must have the shape of `q`, (T, d_k) = {q.shape}; got {k.shape}"
+        )
+    if v.ndim != 2 or v.shape[0] != T:
+        raise ValueError(f"{name}: `v` must have shape (T, d_v) with T={T}; got {v.shape}")
+    dtype = jnp.result_type(q, k, v)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.zeros(()).dtype
+    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    lr = _gates(name, lr, T, dtype, "lr")
+    decay = _gates(name, decay, T, dtype, "decay")
+    scale = 1.0 / math.sqrt(d_k) if scale is None else float(scale)
+    return q, k, v, lr, decay, scale
+
+
+@jaxtyped(typechecker=beartype)
+def kernel_memory_scan(
+    q: Float[Array | np.ndarray, "T d_k"],
+    k: Float[Array | np.ndarray, "T d_k"],
+    v: Float[Array | np.ndarray, "T d_v"],
+    lr: Float[Array | np.ndarray, " T"] | None = None,
+    decay: Float[Array | np.ndarray, " T"] | None = None,
+    *,
+    kernel: Kernel = "exp",
+    rule: Rule = "hebbian",
+    window: int | None = None,
+    omega_window: int = 1,
+    normalize: bool = False,
+    scale: float | None = None,
+) -> Float[Array, "T d_v"]:
+    r"""One sequence through a linear memory on $\phi^*$ with $W_0 = 0$, by the kernel trick.
+
+    With $\kappa(a, b) = \exp(\sigma\,a^\top b) = \phi^*(a)^\top\phi^*(b)$ (ATLAS Eqs 22-24,
+    $\sigma$ = `scale`), the window $i = t-c+1..t$ ($c$ = `omega_window`) and
+    $W_t = \sum_j\beta_{t,j}\phi^*(k_j)^\top$:
+
+    - Hebbian ($\ell = -\langle W\phi(k), v\rangle$; DeepTransformer Eq 26, SWDT):
+      $W_t = \alpha_tW_{t-1} + \eta_t\sum_i v_i\phi^*(k_i)^\top$, so
+      $y_t = \sum_{i\le t}C_{t,i}\,\kappa(k_i, q_t)\,v_i$ with
+      $C = L_\alpha\,\mathrm{diag}(\eta)\,B_c$, $L_\alpha[t,s] = \prod_{j=s+1}^t\alpha_j$ and
+      the band $B_c[s,i] = [0\le s-i<c]$.
+    - Delta ($\ell = \tfrac12\|W\phi(k) - v\|^2$; Dot Eq 27, corrected in digest 5.5):
+      $W_t = \alpha_tW_{t-1} + \eta_t\sum_i(v_i - W_{t-1}\phi^*(k_i))\,\phi^*(k_i)^\top$; for
+      $c = 1$, $\alpha = 1$: $r_i = v_i - \sum_{j<i}\eta_jr_j\kappa(k_j, k_i)$ and
+      $y_t = \sum_{i\le t}\eta_ir_i\kappa(k_i, q_t)$ (digest I-31).
+    - Read after write: $y_t = W_t\phi^*(q_t)$.
+
+    With `rule="hebbian"`, `normalize=True`, no gates and the default scale this is causal softmax
+    attention exactly (digest I-28); with `window=w` it is sliding-window softmax attention
+    (I-29, Eq 18).
+
+    **Arguments:**
+
+    - `q`, `k`: `(T, d_k)`; `v`: `(T, d_v)`. One head, one sequence (`jax.vmap` for more).
+    - `lr`: $\eta_t \ge 0$, `(T,)`; `decay`: $\alpha_t\in[0, 1]$, `(T,)`. `None` means 1.
+    - `kernel`: `"exp"` for $\kappa = \exp(s)$, or a callable applied elementwise to the scaled
+      dot products $s = \sigma\,a^\top b$ (any shape), e.g. a truncated Taylor series.
+    - `rule`: `"hebbian"` or `"delta"`.
+    - `window`: `None` (infinite) or $w$: only the last $w$ tokens are in memory (token $i$
+      enters $y_t$ only if $t - i < w$). Equivalently, $W_t$ is the memory rebuilt from $W = 0$
+      over tokens $t-w+1..t$. Only for `rule="hebbian"` (a `ValueError` otherwise: delta
+      residuals depend on the evicted tokens).
+    - `omega_window`: $c \ge 1$, the Omega window of gradient terms, each evaluated at
+      $W_{t-1}$; Hebbian with $c > 1$ is SWDT, delta with $c > 1$ is Dot with window $c$.
+    - `normalize`: value augmentation $v' = [v; 1]$, output $y'_{1:d_v}/y'_{d_v+1}$ (digest
+      5.2, A-16). Exact for positive kernels and nonnegative coefficients (Hebbian).
+    - `scale`: $\sigma > 0$; `None` means $1/\sqrt{d_k}$.
+
+    **Returns:** `y`, `(T, d_v)`.
+    """
+    name = "kernel_memory_scan"
+    _check_options(name, kernel, rule, window, omega_window, scale)
+    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale)
+    T = q.shape[0]
+    values = _augment(v, normalize)
+    scores = sigma * (q @ k.T)  # [t, i] = sigma q_t . k_i
+    if rule == "hebbian":
+        idx = jnp.arange(T)
+        offset = idx[:, None] - idx[None, :]
+        band = ((offset >= 0) & (offset < omega_window)).astype(q.dtype)
+        coefficients = decay_matrix(decay) @ (lr[:, None] * band)  # C[t, i]
+        visible = offset >= 0 if window is None else (offset >= 0) & (offset < window)
+        coefficients = jnp.where(visible, coefficients, 0.0)
+        if kernel == "exp" and normalize:
+            # exp(s - m_t) rescales row t, which the normalisation cancels exactly.
+            row_max = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1, keepdims=True)
+            scores = scores - jax.lax.stop_gradient(row_max)
+        y = (coefficients * _kernel_values(kernel, scores)) @ values
+        return _divide(y, normalize)
+    gram = _kernel_values(kernel, sigma * (k @ k.T))  # [j, i] = kappa(k_j, k_i)
+    read = _kernel_values(kernel, scores)
+    offsets = jnp.arange(omega_window)
+
+    def step(beta, inputs):
+        t, eta, alpha = inputs
+        window_idx = t - offsets
+        in_window = (window_idx >= 0).astype(q.dtype)[:, None]
+        window_idx = jnp.maximum(window_idx, 0)
+        prediction = gram[:, window_idx].T @ beta  # W_{t-1} phi(k_i), (c, d_v')
+        residual = (values[window_idx] - prediction) * in_window
+        beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual)
+        return beta, read[t] @ beta
+
+    beta0 = jnp.zeros_like(values)
+    _, y = jax.lax.scan(step, beta0, (jnp.arange(T), lr, decay))
+    return _divide(y, normalize)
+
+
+@jaxtyped(typechecker=beartype)
+def kernel_memory_stream(
+    q: Float[Array | np.ndarray, "T d_k"],
+    k: Float[Array | np.ndarray, "T d_k"],
+    v: Float[Array | np.ndarray, "T d_v"],
+    lr: Float[Array | np.ndarray, " T"] | None,
+    decay: Float[Array | np.ndarray, " T"] | None,
+    state: KernelMemoryState,
+    *,
+    kernel: Kernel = "exp",
+    rule: Rule = "hebbian",
+    window: int | None = None,
+    omega_window: int = 1,
+    normalize: bool = False,
+    scale: float | None = None,
+) -> tuple[Float[Array, "T d_v"], KernelMemoryState]:
+    r"""The next `T` tokens of a stream through a kernel memory (see `kernel_memory_scan`).
+
+    Processes the tokens one at a time against the cache in `state` (keys and coefficients
+    $\beta_j$ of $W = \sum_j\beta_j\phi^*(k_j)^\top$):
+    $\beta \leftarrow \alpha_t\beta + \eta_t\sum_{i=t-c+1}^{t}e_i\,r_i^\top$ with
+    $r_i = v_i$ (Hebbian) or $r_i = v_i - \sum_j\beta_j\kappa(k_j, k_i)$ (delta), then
+    $y_t = \sum_j\beta_j\kappa(k_j, q_t)$. Streaming consecutive pieces from
+    `init_kernel_memory_state` equals one `kernel_memory_scan` call over their concatenation,
+    with the same options. Each token costs $\mathcal O(\text{capacity}\cdot(d_k + c\,d_v))$.
+
+    **Arguments:** as `kernel_memory_scan`, plus `state` (a `KernelMemoryState`, from
+    `init_kernel_memory_state` with the same `normalize`, or from a previous call). Writing
+    past the state's capacity is an error.
+
+    **Returns:** `(y, state)` with `y` of shape `(T, d_v)`.
+    """
+    name = "kernel_memory_stream"
+    _check_options(name, kernel, rule, window, omega_window, scale)
+    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale)
+    T, d_k = q.shape
+    capacity, d_aug = state.coefficients.shape
+    expected_aug = v.shape[1] + 1 if normalize else v.shape[1]
+    if state.keys.shape[1] != d_k or d_aug != expected_aug:
+        raise ValueError(
+            f"{name}: `state` holds keys of dimension {state.keys.shape[1]} and "
+            f"{d_aug} value columns, but d_k={d_k}, d_v={v.shape[1]}, normalize={normalize} "
+            f"need {d_k} and {expected_aug} (init_kernel_memory_state(..., normalize={normalize}))"
+        )
+    dtype = state.coefficients.dtype
+    q, k, v, lr, decay = (x.astype(dtype) for x in (q, k, v, lr, decay))
+    count = eqx.error_if(
+        state.count,
+        state.count + T > capacity,
+        f"{name}: writing past the state's capacity (init_kernel_memory_state max_length)",
+    )
+    values = _augment(v, normalize)
+    slots = jnp.arange(capacity)
+    offsets = jnp.arange(omega_window)
+
+    def step(carry, inputs):
+        keys, stored_values, beta = carry
+        t, q_t, k_t, v_t, eta, alpha = inputs
+        keys = keys.at[t].set(k_t)
+        stored_values = stored_values.at[t].set(v_t)
+        written = slots <= t
+        window_idx = t - offsets
+        in_window = (window_idx >= 0).astype(dtype)[:, None]
+        window_idx = jnp.maximum(window_idx, 0)
+        if rule == "hebbian":
+            residual = stored_values[window_idx]
+        else:
+            gram = _kernel_values(kernel, sigma * (keys @ keys[window_idx].T))  # (capacity, c)
+            gram = jnp.where(written[:, None], gram, 0.0)
+            residual = stored_values[window_idx] - gram.T @ beta
+        beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual * in_window)
+        visible = written if window is None else written & (t - slots < window)
+        scores = sigma * (keys @ q_t)
+        if kernel == "exp" and normalize and rule == "hebbian":
+            scores = scores - jax.lax.stop_gradient(jnp.max(jnp.where(visible, scores, -jnp.inf)))
+        weights = jnp.where(visible, _kernel_values(kernel, scores), 0.0)
+        return (keys, stored_values, beta), weights @ beta
+
+    positions = count + jnp.arange(T)
+    carry = (state.keys, state.values, state.coefficients)
+    (keys, stored_values, beta), y = jax.lax.scan(step, carry, (positions, q, k, values, lr, decay))
+    new_state = KernelMemoryState(keys, stored_values, beta, count + T)
+    return _divide(y, normalize), new_state
