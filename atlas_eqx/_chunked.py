@@ -39,15 +39,22 @@ from ._state import OmegaState
 def decay_matrix(alpha: Float[Array, " b"]) -> Float[Array, "b b"]:
     r"""$L[t, m] = \prod_{j=m+1}^{t}\alpha_j$ for $m \le t$, else 0.
 
-    A masked cumulative product (an associative scan, O(b^2 log b)) rather than differences of
-    cumulative log sums, so it is exact (no $-\infty + \infty$) when some $\alpha_j = 0$, and
-    so are its gradients.
+    Built row by row, $L[t] = \alpha_t L[t-1] + e_t$ (a `lax.scan` of b steps, O(b^2) work),
+    rather than from differences of cumulative log sums, so it is exact (no
+    $-\infty + \infty$) when some $\alpha_j = 0$, and so are its gradients. (An associative
+    scan over the b x b matrix computes the same products but its backward pass was about 3x
+    slower on CPU.)
     """
     b = alpha.shape[0]
-    idx = jnp.arange(b)
-    later = idx[:, None] > idx[None, :]
-    factors = jnp.where(later, alpha[:, None], jnp.ones((), alpha.dtype))
-    return jax.lax.associative_scan(jnp.multiply, factors, axis=0) * (idx[:, None] >= idx[None, :])
+
+    def next_row(row, inputs):
+        alpha_t, unit_t = inputs
+        row = alpha_t * row + unit_t
+        return row, row
+
+    unit_rows = jnp.eye(b, dtype=alpha.dtype)
+    _, rows = jax.lax.scan(next_row, jnp.zeros((b,), alpha.dtype), (alpha, unit_rows))
+    return rows
 
 
 def _scale_rows(w: Float[Array, " b"], tree: PyTree) -> PyTree:
