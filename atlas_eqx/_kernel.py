@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from beartype import beartype
-from jaxtyping import Array, Float, Int, jaxtyped
+from jaxtyping import Array, Bool, Float, Int, jaxtyped
 
 from ._chunked import decay_matrix
 
@@ -127,8 +127,13 @@ def _gates(
     return eqx.error_if(x, bad, message)
 
 
-def _kernel_values(kernel: Kernel, s: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
-    return jnp.exp(s) if kernel == "exp" else kernel(s)
+def _masked_kernel(
+    kernel: Kernel, s: Float[Array, "*shape"], mask: Bool[Array, "*shape"]
+) -> Float[Array, "*shape"]:
+    r"""$\kappa$ where `mask`, else exactly 0; masked scores never reach the kernel, so an
+    overflow there can leak neither into values nor (as 0 * inf) into gradients."""
+    s = jnp.where(mask, s, 0.0)
+    return jnp.where(mask, jnp.exp(s) if kernel == "exp" else kernel(s), 0.0)
 
 
 def _augment(v: Float[Array, "T d_v"], normalize: bool) -> Float[Array, "T d_v_aug"]:
@@ -229,10 +234,13 @@ def kernel_memory_scan(
             # exp(s - m_t) rescales row t, which the normalisation cancels exactly.
             row_max = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=1, keepdims=True)
             scores = scores - jax.lax.stop_gradient(row_max)
-        y = (coefficients * _kernel_values(kernel, scores)) @ values
+        y = (coefficients * _masked_kernel(kernel, scores, visible)) @ values
         return _divide(y, normalize)
-    gram = _kernel_values(kernel, sigma * (k @ k.T))  # [j, i] = kappa(k_j, k_i)
-    read = _kernel_values(kernel, scores)
+    idx = jnp.arange(T)
+    offset = idx[:, None] - idx[None, :]
+    # gram[j, i] = kappa(k_j, k_i) is read only for j < t <= i + c - 1.
+    gram = _masked_kernel(kernel, sigma * (k @ k.T), offset < omega_window - 1)
+    read = _masked_kernel(kernel, scores, offset >= 0)
     offsets = jnp.arange(omega_window)
 
     def step(beta, inputs):
@@ -240,7 +248,8 @@ def kernel_memory_scan(
         window_idx = t - offsets
         in_window = (window_idx >= 0).astype(q.dtype)[:, None]
         window_idx = jnp.maximum(window_idx, 0)
-        prediction = gram[:, window_idx].T @ beta  # W_{t-1} phi(k_i), (c, d_v')
+        gram_window = jnp.where((idx < t)[:, None], gram[:, window_idx], 0.0)
+        prediction = gram_window.T @ beta  # W_{t-1} phi(k_i), (c, d_v')
         residual = (values[window_idx] - prediction) * in_window
         beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual)
         return beta, read[t] @ beta
@@ -317,15 +326,15 @@ def kernel_memory_stream(
         if rule == "hebbian":
             residual = stored_values[window_idx]
         else:
-            gram = _kernel_values(kernel, sigma * (keys @ keys[window_idx].T))  # (capacity, c)
-            gram = jnp.where(written[:, None], gram, 0.0)
+            earlier = jnp.broadcast_to((slots < t)[:, None], (capacity, omega_window))
+            gram = _masked_kernel(kernel, sigma * (keys @ keys[window_idx].T), earlier)
             residual = stored_values[window_idx] - gram.T @ beta
         beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual * in_window)
         visible = written if window is None else written & (t - slots < window)
         scores = sigma * (keys @ q_t)
         if kernel == "exp" and normalize and rule == "hebbian":
             scores = scores - jax.lax.stop_gradient(jnp.max(jnp.where(visible, scores, -jnp.inf)))
-        weights = jnp.where(visible, _kernel_values(kernel, scores), 0.0)
+        weights = _masked_kernel(kernel, scores, visible)
         return (keys, stored_values, beta), weights @ beta
 
     positions = count + jnp.arange(T)
