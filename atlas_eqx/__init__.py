@@ -10,6 +10,11 @@ from ._attention import (
     causal_attention as causal_attention,
     rope as rope,
 )
+from ._hybrid import (
+    HybridState as HybridState,
+    MAGLayer as MAGLayer,
+    MALLayer as MALLayer,
+)
 from ._kernel import (
     init_kernel_memory_state as init_kernel_memory_state,
     kernel_memory_scan as kernel_memory_scan,

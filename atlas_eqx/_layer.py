@@ -1,0 +1,714 @@
+r"""The memory layer: one block's token mixer built around `omega_scan` (ATLAS §5.1, App. E).
+
+For one sequence $x \in \mathbb R^{T\times d}$ and each head $h$ (digest §7.1):
+
+$$q, k, v = \mathrm{SiLU}(\mathrm{conv}_4(xW_{q,k,v})),\quad
+\hat q = q/\|q\|,\ \hat k = k/\|k\|,$$
+$$\eta_t = \eta_{\max}\sigma(w_\eta^\top x_t + b_\eta),\ \alpha_t = \sigma(\cdot),\
+\theta_t = \sigma(\cdot),\ \gamma = \sigma(\cdot),$$
+$$y^{(h)} = \texttt{omega\_scan}(\mathcal M^{(h)}_0, \hat q, \hat k, v, \eta, \alpha, \theta,
+\gamma; \phi),\qquad o = \big[\mathrm{RMSNorm}(y^{(h)})\big]_h \odot \mathrm{SiLU}(xW_g),
+\qquad \mathrm{out} = oW_o.$$
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+import feature_maps as fm
+import optimizers as iopt
+
+from ._kernel import init_kernel_memory_state, kernel_memory_scan, kernel_memory_stream
+from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, MLPMemory
+from ._mixer import AbstractMixer
+from ._objective import dot, l2
+from ._scan import omega_scan
+from ._state import init_omega_state
+
+
+_MEMORIES = ("linear", "mlp", "gated_mlp", "kernel")
+_ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
+_FEATURE_MAPS = ("identity", "polynomial", "elementwise", "taylor")
+_FEATURE_FORMS = ("monomial", "tensor")
+_OBJECTIVES = {"l2": l2, "dot": dot}
+_OPTIMIZERS = ("gd", "momentum", "muon")
+_METHODS = ("sequential", "chunked")
+_GAMMA_MODES = ("none", "token", "offset")
+_OUTPUT_GATES = ("silu", "sigmoid", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLayerConfig:
+    r"""Every switch of a `MemoryLayer`, with the digest's recommended default (section 10).
+
+    Frozen and hashable: it is a static field of the layer, so two layers with equal configs
+    share compiled code.
+
+    **Shape**
+
+    - `d_model`: the layer's input and output width.
+    - `n_heads`: number of heads; one memory per head (A-10).
+    - `head_dim`: $d_k = d_v$ per head; `None` means `d_model // n_heads` (A-10).
+
+    **Memory** (A-4, A-6, A-22, A-32)
+
+    - `memory`: `"linear"` ($Wx$), `"mlp"` (ATLAS Eq 42), `"gated_mlp"` (Atlas++, Eq 43), or
+      `"kernel"` (the non-parametric exp-kernel memory of DeepTransformers / Dot, §5.3).
+    - `memory_depth`: number of weight matrices of the `"mlp"` memory (Eq 42: 2).
+    - `memory_expansion`: hidden width $= $ `memory_expansion` $\cdot d_v$ (A-6: $4d_v$).
+    - `memory_residual`: `"auto"` (on iff $\dim\phi = d_v$), `True` or `False` (A-4). The
+      "degree-1 block of $\phi$ as the residual" option of A-4 is not offered.
+    - `memory_activation`: $\sigma$ of the MLP memories, `"gelu"` (App. E, A-32), `"silu"`,
+      `"relu"`, `"tanh"`.
+    - `memory_init_std`: scale of $W_0$; `None` is $1/\sqrt{\text{fan-in}}$, `0.0` is $W_0 = 0$
+      (linear memory only; the MLPs would have zero gradients).
+    - `learn_initial_memory`: $W_0$ is an outer parameter, one per head, reset for every
+      sequence (A-22); `False` freezes it (`jax.lax.stop_gradient`).
+
+    **Feature map** $\phi$ on $\hat k$ and $\hat q$ (A-2, A-3; `memory="kernel"` uses none)
+
+    - `feature_map`: `"identity"`, `"polynomial"` (exact, `feature_maps.Polynomial`),
+      `"elementwise"` (`feature_maps.Elementwise`, keeps $d_k$), `"taylor"`
+      (`feature_maps.TaylorExp`, fixed $1/i!$).
+    - `feature_degree`: $p$ (A-2: 2). `feature_form`: `"monomial"` or `"tensor"`.
+    - `feature_include_constant`: include $a_0$ (A-3: yes).
+    - `learn_feature_coefficients`: the $a_i$ are learnable, one set per head (A-3).
+
+    **Inner loop** (A-1, A-11, A-12, A-13, A-19, A-30)
+
+    - `objective`: `"l2"` ($\tfrac12\|\cdot\|^2$, A-20) or `"dot"` (Hebbian $-\langle\cdot\rangle$).
+      For `memory="kernel"` it picks the rule: `"dot"` is Hebbian, `"l2"` the delta rule.
+    - `optimizer`: `"gd"`, `"momentum"` ($S_t = \theta_tS_{t-1} + g_t$) or `"muon"`.
+    - `ns_steps`: Newton-Schulz steps of Muon (5). `eta_inside_ns`: App. D.4 placement (A-1).
+    - `muon_per_chunk`: NS once per chunk, an approximation for speed (A-13 (i)).
+    - `window`: $c$, the Omega window (A-30: 4). For `memory="kernel"` it is the number of
+      gradient terms each step writes (`omega_window` of `kernel_memory_scan`: SWDT, Dot).
+    - `chunk_size`: $b$ (A-11: configurable; 16 as in Miras). Gradients inside a chunk are
+      taken at the chunk-start weights; `chunk_size=1` is the token-by-token rule.
+    - `method`: `"chunked"` (the fast path) or `"sequential"` (the oracle); equal results.
+    - `decay_first`: take gradients at the decayed state (Gated DeltaNet's order, I-12).
+
+    **Gates**, per token and per head, $\sigma(w^\top x_t + b)$ of the layer input (A-7, A-29)
+
+    - `lr_gate`: $\eta_t = \eta_{\max}\sigma(\cdot)$; `False` makes $\eta_t \equiv \eta_{\max}$.
+    - `lr_max`: $\eta_{\max}$ (A-7: configurable). `lr_init`: $\eta$ at initialisation
+      (bias $\mathrm{logit}(\eta_{init}/\eta_{\max})$; the digest gives no value).
+    - `decay_gate`: $\alpha_t = \sigma(\cdot)$, one scalar per head for all memory matrices
+      (A-29); `False` makes $\alpha_t \equiv 1$. `decay_init`: 0.99 (A-7).
+    - `momentum_gate`: $\theta_t = \sigma(\cdot)$ for `"momentum"` / `"muon"`; `False` makes
+      $\theta_t \equiv$ `momentum_init`. `momentum_init`: 0.9 (A-7).
+    - `gamma_mode`: the window gates $\gamma_{t,i}$ (A-8): `"none"` ((a): $\gamma_{t,i} =
+      \eta_t$, i.e. `gamma=None`), `"token"` ((b), the default: $\eta_t\sigma(w^\top x_i + b)$,
+      separable), `"offset"` ((c): a $c$-vector $\sigma(W x_t + b)$ per step, relative
+      positions). `gamma_init`: $\gamma$ at initialisation (no digest value; 0.9).
+
+    **Layout** (A-27, A-28; Titans §4.4)
+
+    - `conv_size`: kernel of the causal depthwise convolution after each of the q, k, v
+      projections (4; 0 switches it off).
+    - `silu`: SiLU after the convolution (A-28). `qk_l2_norm`: $\ell_2$-normalise q and k per
+      head before $\phi$ (A-27). `norm_eps`: the $\epsilon$ of both norms.
+    - `output_norm`: per-head RMSNorm with a learnable scale on the memory output.
+    - `output_gate`: $o \odot \mathrm{SiLU}(xW_g)$ (`"silu"`, as in fla's gated RMSNorm),
+      $\sigma(xW_g)$ (`"sigmoid"`) or `"none"` (Titans §4.4: "normalization and gating with a
+      linear layer before the final output projection").
+
+    **Kernel memory** (`memory="kernel"`, A-15, A-16)
+
+    - `kernel_normalize`: value augmentation $v' = [v; 1]$ and division, so that the Hebbian
+      linear case is softmax attention (A-16: on).
+    - `kernel_scale`: the kernel is $\exp(s\,q^\top k)$; `None` is $s = 1/\sqrt{d_k}$.
+    - `kernel_window`: `None`, or $w$: only the last $w$ tokens stay in the non-parametric
+      memory (sliding-window attention, I-29; Hebbian only).
+    """
+
+    d_model: int
+    n_heads: int
+    head_dim: int | None = None
+    memory: str = "mlp"
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    memory_residual: bool | str = "auto"
+    memory_activation: str = "gelu"
+    memory_init_std: float | None = None
+    learn_initial_memory: bool = True
+    feature_map: str = "polynomial"
+    feature_degree: int = 2
+    feature_form: str = "monomial"
+    feature_include_constant: bool = True
+    learn_feature_coefficients: bool = True
+    objective: str = "l2"
+    optimizer: str = "muon"
+    ns_steps: int = 5
+    eta_inside_ns: bool = False
+    muon_per_chunk: bool = False
+    window: int = 4
+    chunk_size: int = 16
+    method: str = "chunked"
+    decay_first: bool = False
+    lr_gate: bool = True
+    lr_max: float = 1.0
+    lr_init: float = 0.5
+    decay_gate: bool = True
+    decay_init: float = 0.99
+    momentum_gate: bool = True
+    momentum_init: float = 0.9
+    gamma_mode: str = "token"
+    gamma_init: float = 0.9
+    conv_size: int = 4
+    silu: bool = True
+    qk_l2_norm: bool = True
+    norm_eps: float = 1e-6
+    output_norm: bool = True
+    output_gate: str = "silu"
+    kernel_normalize: bool = True
+    kernel_scale: float | None = None
+    kernel_window: int | None = None
+
+    def __post_init__(self):
+        _check_int("d_model", self.d_model, 1)
+        _check_int("n_heads", self.n_heads, 1)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(
+                    f"MemoryLayerConfig: `d_model`={self.d_model} is not divisible by "
+                    f"`n_heads`={self.n_heads}; pass `head_dim` explicitly or pick n_heads "
+                    f"dividing d_model"
+                )
+        else:
+            _check_int("head_dim", self.head_dim, 1)
+        _check_choice("memory", self.memory, _MEMORIES)
+        _check_int("memory_depth", self.memory_depth, 1)
+        _check_int("memory_expansion", self.memory_expansion, 1)
+        if self.memory_residual not in (True, False, "auto"):
+            raise ValueError(
+                "MemoryLayerConfig: `memory_residual` must be True, False or 'auto'; got "
+                f"{self.memory_residual!r}"
+            )
+        _check_choice("memory_activation", self.memory_activation, tuple(_ACTIVATIONS))
+        if self.memory_init_std is not None and not self.memory_init_std >= 0:
+            raise ValueError(
+                f"MemoryLayerConfig: `memory_init_std` must be >= 0 or None; got "
+                f"{self.memory_init_std!r}"
+            )
+        if self.memory_init_std == 0.0 and self.memory in ("mlp", "gated_mlp"):
+            raise ValueError(
+                "MemoryLayerConfig: `memory_init_std=0.0` (W_0 = 0) is only allowed for "
+                "memory='linear'; an MLP memory at zero has zero gradients and never learns"
+            )
+        _check_choice("feature_map", self.feature_map, _FEATURE_MAPS)
+        _check_int("feature_degree", self.feature_degree, 1)
+        _check_choice("feature_form", self.feature_form, _FEATURE_FORMS)
+        _check_choice("objective", self.objective, tuple(_OBJECTIVES))
+        _check_choice("optimizer", self.optimizer, _OPTIMIZERS)
+        _check_int("ns_steps", self.ns_steps, 0)
+        _check_int("window", self.window, 1)
+        _check_int("chunk_size", self.chunk_size, 1)
+        _check_choice("method", self.method, _METHODS)
+        for name in ("lr_max",):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"MemoryLayerConfig: `{name}` must be > 0; got {value!r}")
+        if not 0 < self.lr_init < self.lr_max:
+            raise ValueError(
+                f"MemoryLayerConfig: `lr_init` must lie in (0, lr_max={self.lr_max}); got "
+                f"{self.lr_init!r}"
+            )
+        for name in ("decay_init", "momentum_init", "gamma_init"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ValueError(f"MemoryLayerConfig: `{name}` must lie in (0, 1); got {value!r}")
+        _check_choice("gamma_mode", self.gamma_mode, _GAMMA_MODES)
+        _check_int("conv_size", self.conv_size, 0)
+        if not self.norm_eps > 0:
+            raise ValueError(f"MemoryLayerConfig: `norm_eps` must be > 0; got {self.norm_eps!r}")
+        _check_choice("output_gate", self.output_gate, _OUTPUT_GATES)
+        if self.kernel_scale is not None and not self.kernel_scale > 0:
+            raise ValueError(
+                f"MemoryLayerConfig: `kernel_scale` must be > 0 or None; got {self.kernel_scale!r}"
+            )
+        if self.muon_per_chunk and (self.optimizer != "muon" or self.method != "chunked"):
+            raise ValueError(
+                "MemoryLayerConfig: `muon_per_chunk=True` needs optimizer='muon' and "
+                "method='chunked'"
+            )
+        if self.muon_per_chunk and self.decay_first:
+            raise ValueError(
+                "MemoryLayerConfig: `muon_per_chunk=True` does not support `decay_first=True`"
+            )
+        if self.eta_inside_ns and self.optimizer != "muon":
+            raise ValueError("MemoryLayerConfig: `eta_inside_ns=True` needs optimizer='muon'")
+        if self.memory == "kernel":
+            if self.feature_map != "identity":
+                raise ValueError(
+                    "MemoryLayerConfig: memory='kernel' computes the exponential feature map "
+                    "by the kernel trick; set feature_map='identity' (got "
+                    f"{self.feature_map!r})"
+                )
+            if self.optimizer != "gd":
+                raise ValueError(
+                    "MemoryLayerConfig: memory='kernel' is written by plain GD (DeepTransformer, "
+                    f"Dot); set optimizer='gd' (got {self.optimizer!r})"
+                )
+            if self.gamma_mode != "none":
+                raise ValueError(
+                    "MemoryLayerConfig: memory='kernel' takes no window gates gamma; set "
+                    f"gamma_mode='none' (got {self.gamma_mode!r})"
+                )
+            if self.kernel_window is not None and self.objective != "dot":
+                raise ValueError(
+                    "MemoryLayerConfig: `kernel_window` (a sliding window of the kernel memory) "
+                    "is only defined for the Hebbian rule, objective='dot'"
+                )
+        if self.kernel_window is not None:
+            _check_int("kernel_window", self.kernel_window, 1)
+            if self.memory != "kernel":
+                raise ValueError("MemoryLayerConfig: `kernel_window` needs memory='kernel'")
+
+    @property
+    def d_head(self) -> int:
+        """The per-head key / value dimension $d_k = d_v$."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def d_inner(self) -> int:
+        """`n_heads * d_head`: the width of the q, k, v projections."""
+        return self.n_heads * self.d_head
+
+    @property
+    def uses_momentum(self) -> bool:
+        return self.optimizer in ("momentum", "muon")
+
+    def inner_optimizer(self) -> iopt.InnerOptimizer:
+        """The inner learner named by `optimizer`."""
+        if self.optimizer == "gd":
+            return iopt.gd()
+        if self.optimizer == "momentum":
+            return iopt.momentum()
+        return iopt.muon(ns_steps=self.ns_steps, eta_inside_ns=self.eta_inside_ns)
+
+    def make_feature_map(self) -> fm.AbstractFeatureMap:
+        """One head's $\\phi$ at its initial coefficients."""
+        if self.feature_map == "identity":
+            return fm.Identity()
+        if self.feature_map == "polynomial":
+            return fm.Polynomial(
+                self.feature_degree,
+                form=self.feature_form,
+                learnable=self.learn_feature_coefficients,
+                include_constant=self.feature_include_constant,
+            )
+        if self.feature_map == "elementwise":
+            return fm.Elementwise(
+                self.feature_degree,
+                learnable=self.learn_feature_coefficients,
+                include_constant=self.feature_include_constant,
+            )
+        return fm.TaylorExp(self.feature_degree)
+
+    def make_memory(self, *, key: PRNGKeyArray) -> AbstractMemory:
+        """One head's memory $\\mathcal M_0$ (its weights are the learned $W_0$)."""
+        d_in = self.make_feature_map().out_dim(self.d_head)
+        d_v = self.d_head
+        hidden = self.memory_expansion * d_v
+        activation = _ACTIVATIONS[self.memory_activation]
+        if self.memory == "linear":
+            return LinearMemory(d_in, d_v, key=key, init_std=self.memory_init_std)
+        if self.memory == "mlp":
+            return MLPMemory(
+                d_in,
+                d_v,
+                key=key,
+                hidden=hidden,
+                depth=self.memory_depth,
+                activation=activation,
+                residual=self.memory_residual,  # pyright: ignore[reportArgumentType]
+                init_std=self.memory_init_std,
+            )
+        if self.memory == "gated_mlp":
+            return GatedMLPMemory(
+                d_in,
+                d_v,
+                key=key,
+                hidden=hidden,
+                activation=activation,
+                residual=self.memory_residual,  # pyright: ignore[reportArgumentType]
+                init_std=self.memory_init_std,
+            )
+        raise ValueError("MemoryLayerConfig.make_memory: memory='kernel' has no weights")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"MemoryLayerConfig: `{name}` must be an integer >= {low}; got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"MemoryLayerConfig: `{name}` must be one of {choices}; got {value!r}")
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class MemoryInputs(eqx.Module):
+    """The per-head inputs of the memories, each with a leading head axis `H`.
+
+    `q`, `k`: $\\hat q, \\hat k$ before $\\phi$ `(H, T, d_k)`; `v`: `(H, T, d_v)`; `lr` ($\\eta$),
+    `decay` ($\\alpha$): `(H, T)`; `momentum` ($\\theta$): `(H, T)` or `None` (GD); `gamma`:
+    `(H, T)` (`gamma_mode="token"`), `(H, T, c)` (`"offset"`) or `None` (`"none"`).
+    """
+
+    q: Float[Array, "H T d_k"]
+    k: Float[Array, "H T d_k"]
+    v: Float[Array, "H T d_v"]
+    lr: Float[Array, "H T"]
+    decay: Float[Array, "H T"]
+    momentum: Float[Array, "H T"] | None
+    gamma: Float[Array, "H T"] | Float[Array, "H T c"] | None
+
+
+class MemoryLayerState(eqx.Module):
+    """The streaming state of a `MemoryLayer`.
+
+    - `conv`: the last `conv_size - 1` projected (pre-convolution) q, k, v rows, oldest first,
+      `(conv_size - 1, 3 * n_heads * head_dim)`.
+    - `memory`: the per-head memory state, stacked over heads: an `OmegaState` (parametric
+      memories) or the kernel memory's state (`memory="kernel"`).
+    """
+
+    conv: Float[Array, "history channels"]
+    memory: Any
+
+
+def causal_depthwise_conv(
+    x: Float[Array, "T channels"],
+    weight: Float[Array, "channels K"],
+    history: Float[Array, "history channels"],
+) -> tuple[Float[Array, "T channels"], Float[Array, "history channels"]]:
+    r"""Causal depthwise convolution, $y_t = \sum_{j=0}^{K-1} w_{:,j}\odot x_{t-K+1+j}$.
+
+    `history` holds $x_{-K+1..-1}$ (zeros at the start of a sequence, which is zero padding),
+    `(K - 1, channels)`. Returns $y$ and the new history (the last $K-1$ rows).
+    """
+    K = weight.shape[1]
+    T = x.shape[0]
+    padded = jnp.concatenate([history.astype(x.dtype), x], axis=0)
+    taps = jnp.stack([padded[j : j + T] for j in range(K)], axis=-1)
+    y = jnp.einsum("tck,ck->tc", taps, weight.astype(x.dtype))
+    return y, padded[T:]
+
+
+def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _l2_normalise(x: Array, eps: float) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _stack(module: Any, n: int) -> Any:
+    """`module` with every array leaf repeated along a new leading axis of size `n`."""
+    arrays, static = eqx.partition(module, eqx.is_array)
+    arrays = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), arrays)
+    return eqx.combine(arrays, static)
+
+
+class _Gate(eqx.Module):
+    weight: Float[Array, "out d_model"]
+    bias: Float[Array, " out"]
+
+    def __init__(self, d_model: int, out: int, bias: float, *, key: PRNGKeyArray):
+        bound = 1.0 / math.sqrt(d_model)
+        self.weight = jax.random.uniform(key, (out, d_model), minval=-bound, maxval=bound)
+        self.bias = jnp.full((out,), bias)
+
+    def __call__(self, x: Float[Array, "T d_model"]) -> Float[Array, "T out"]:
+        return jax.nn.sigmoid(x @ self.weight.T.astype(x.dtype) + self.bias.astype(x.dtype))
+
+
+def _dense(key: PRNGKeyArray, d_out: int, d_in: int) -> Float[Array, "d_out d_in"]:
+    bound = 1.0 / math.sqrt(d_in)
+    return jax.random.uniform(key, (d_out, d_in), minval=-bound, maxval=bound)
+
+
+class MemoryLayer(AbstractMixer):
+    r"""A test-time-memory token mixer: ATLAS / OmegaNet / Titans / DeltaNet / ... (ATLAS §5.1).
+
+    For one sequence $x\in\mathbb R^{T\times d}$ (digest §7.1, A-27, A-28):
+
+    1. $q, k, v = \mathrm{SiLU}(\mathrm{conv}_4(xW_q)), \dots$ (projection, causal depthwise
+       convolution, SiLU), split into heads; $\hat q, \hat k$ are $\ell_2$-normalised per head.
+    2. Gates from $x$, per token and head: $\eta_t = \eta_{\max}\sigma(w_\eta^\top x_t +
+       b_\eta)$, $\alpha_t = \sigma(\cdot)$, $\theta_t = \sigma(\cdot)$, $\gamma$ per
+       `gamma_mode` (A-7, A-8).
+    3. Per head, the Omega rule with the inner optimiser (ATLAS Eqs 9-10, 32-33):
+       $g_t = \nabla\sum_{i=t-c+1}^{t}\gamma_{t,i}\,\ell(\mathcal M(\phi(\hat k_i)), v_i)$,
+       $S_t = \theta_tS_{t-1} + g_t$, $W_t = \alpha_tW_{t-1} - \eta_tP(S_t)$,
+       $y_t = \mathcal M(\phi(\hat q_t); W_t)$, starting every sequence at the learned $W_0$
+       (A-22); `memory="kernel"` uses `kernel_memory_scan` instead: $W_0 = 0$ and the exp
+       kernel by the kernel trick (ATLAS Eqs 25-29).
+    4. $o = \mathrm{RMSNorm}_h(y)\odot\mathrm{SiLU}(xW_g)$, $\mathrm{out} = oW_o$ (Titans §4.4).
+
+    Streaming (`init_state` / `stream`) equals `__call__` over the concatenation when
+    `chunk_size=1`, or when every piece but the last has a length that is a multiple of
+    `chunk_size` (every `stream` call starts a new chunk). Decoding one token at a time after
+    a prefill is therefore `chunk_size=1` from the prefill's end on: the model it computes is
+    the frozen-anchor rule whose chunk boundaries are the prefill's chunks followed by one
+    chunk per decoded token (digest I-40).
+    """
+
+    config: MemoryLayerConfig = eqx.field(static=True)
+    d_model: int = eqx.field(static=True)
+    q_proj: Float[Array, "d_inner d_model"]
+    k_proj: Float[Array, "d_inner d_model"]
+    v_proj: Float[Array, "d_inner d_model"]
+    conv_weight: Float[Array, "channels K"] | None
+    lr_gate: _Gate | None
+    decay_gate: _Gate | None
+    momentum_gate: _Gate | None
+    gamma_gate: _Gate | None
+    memory: AbstractMemory | None
+    feature_map: fm.AbstractFeatureMap
+    norm_scale: Float[Array, "H d_head"] | None
+    gate_proj: Float[Array, "d_inner d_model"] | None
+    out_proj: Float[Array, "d_model d_inner"]
+
+    def __init__(self, config: MemoryLayerConfig, *, key: PRNGKeyArray):
+        """**Arguments:**
+
+        - `config`: a `MemoryLayerConfig`.
+        - `key`: a JAX PRNG key for every parameter.
+        """
+        if not isinstance(config, MemoryLayerConfig):
+            raise ValueError(
+                f"MemoryLayer: `config` must be a MemoryLayerConfig; got {type(config).__name__}"
+            )
+        c = config
+        H, dh, d, inner = c.n_heads, c.d_head, c.d_model, c.d_inner
+        keys = iter(jax.random.split(key, 12))
+        self.config = c
+        self.d_model = d
+        self.q_proj = _dense(next(keys), inner, d)
+        self.k_proj = _dense(next(keys), inner, d)
+        self.v_proj = _dense(next(keys), inner, d)
+        if c.conv_size > 0:
+            bound = 1.0 / math.sqrt(c.conv_size)
+            self.conv_weight = jax.random.uniform(
+                next(keys), (3 * inner, c.conv_size), minval=-bound, maxval=bound
+            )
+        else:
+            self.conv_weight = None
+            next(keys)
+        self.lr_gate = _Gate(d, H, _logit(c.lr_init / c.lr_max), key=next(keys))
+        self.decay_gate = _Gate(d, H, _logit(c.decay_init), key=next(keys))
+        self.momentum_gate = _Gate(d, H, _logit(c.momentum_init), key=next(keys))
+        n_gamma = H * c.window if c.gamma_mode == "offset" else H
+        self.gamma_gate = _Gate(d, n_gamma, _logit(c.gamma_init), key=next(keys))
+        if not c.lr_gate:
+            self.lr_gate = None
+        if not c.decay_gate:
+            self.decay_gate = None
+        if not (c.momentum_gate and c.uses_momentum):
+            self.momentum_gate = None
+        if c.gamma_mode == "none":
+            self.gamma_gate = None
+        memory_key = next(keys)
+        if c.memory == "kernel":
+            self.memory = None
+        else:
+            self.memory = eqx.filter_vmap(lambda k: c.make_memory(key=k))(
+                jax.random.split(memory_key, H)
+            )
+        self.feature_map = _stack(c.make_feature_map(), H)
+        self.norm_scale = jnp.ones((H, dh)) if c.output_norm else None
+        self.gate_proj = _dense(next(keys), inner, d) if c.output_gate != "none" else None
+        self.out_proj = _dense(next(keys), d, inner)
+
+    # ----------------------------------------------------------------------------------------
+    # The three stages, exposed so that tests can check each one.
+
+    def _inputs(
+        self, x: Float[Array, "T d_model"], conv_history: Float[Array, "history channels"]
+    ) -> tuple[MemoryInputs, Float[Array, "history channels"]]:
+        c = self.config
+        H, dh = c.n_heads, c.d_head
+        T = x.shape[0]
+        qkv = jnp.concatenate(
+            [x @ w.T.astype(x.dtype) for w in (self.q_proj, self.k_proj, self.v_proj)], axis=-1
+        )
+        if self.conv_weight is not None:
+            qkv, conv_history = causal_depthwise_conv(qkv, self.conv_weight, conv_history)
+        if c.silu:
+            qkv = jax.nn.silu(qkv)
+        q, k, v = (a.reshape(T, H, dh).transpose(1, 0, 2) for a in jnp.split(qkv, 3, axis=-1))
+        if c.qk_l2_norm:
+            q, k = _l2_normalise(q, c.norm_eps), _l2_normalise(k, c.norm_eps)
+
+        def per_head(gate: _Gate | None, constant: float) -> Array:
+            if gate is None:
+                return jnp.full((H, T), constant, x.dtype)
+            return gate(x).T
+
+        lr = c.lr_max * per_head(self.lr_gate, 1.0)
+        decay = per_head(self.decay_gate, 1.0)
+        momentum = per_head(self.momentum_gate, c.momentum_init) if c.uses_momentum else None
+        if self.gamma_gate is None:
+            gamma = None
+        elif c.gamma_mode == "offset":
+            gamma = self.gamma_gate(x).reshape(T, H, -1).transpose(1, 0, 2)
+        else:
+            gamma = self.gamma_gate(x).T
+        return MemoryInputs(q, k, v, lr, decay, momentum, gamma), conv_history
+
+    def memory_inputs(self, x: Float[Array, "T d_model"]) -> MemoryInputs:
+        """The per-head memory inputs $(\\hat q, \\hat k, v, \\eta, \\alpha, \\theta, \\gamma)$ of
+        a sequence that starts here (zero convolution history)."""
+        inputs, _ = self._inputs(x, self._empty_conv(x.dtype))
+        return inputs
+
+    def initial_memory_state(self, max_length: int | None = None) -> Any:
+        """The per-head memory state at the start of a sequence, stacked over heads: an
+        `OmegaState` ($W_0$, $S_0 = 0$, an empty window), or for `memory="kernel"` an empty
+        `KernelMemoryState` holding up to `max_length` tokens (required there)."""
+        c = self.config
+        if c.memory == "kernel":
+            if not isinstance(max_length, int) or max_length < 1:
+                raise ValueError(
+                    "MemoryLayer: memory='kernel' stores every token; its state needs "
+                    f"`max_length` (an integer >= 1); got {max_length!r}"
+                )
+            state = init_kernel_memory_state(
+                max_length,
+                c.d_head,
+                c.d_head,
+                normalize=c.kernel_normalize,
+                dtype=self.q_proj.dtype,
+            )
+            return _stack(state, c.n_heads)
+        memory = self._initial_memory()
+        optimizer = c.inner_optimizer()
+        return eqx.filter_vmap(lambda m: init_omega_state(m, optimizer, c.window))(memory)
+
+    def run_memory(
+        self, inputs: MemoryInputs, state: Any = None
+    ) -> tuple[Float[Array, "H T d_v"], Any]:
+        r"""Run every head's memory on `inputs`, one scan per head (vmapped over heads).
+
+        Parametric memories: `omega_scan`; `state` is a per-head state from
+        `initial_memory_state` or a previous call, `None` starts from $W_0$. Kernel memory:
+        `kernel_memory_scan` (the quadratic form) when `state` is `None`, and then the returned
+        state is `None`; `kernel_memory_stream` otherwise. Returns the reads $y$ `(H, T, d_v)`
+        and the new state.
+        """
+        c = self.config
+        i = inputs
+        if c.memory == "kernel":
+            options: dict[str, Any] = dict(
+                kernel="exp",
+                rule="hebbian" if c.objective == "dot" else "delta",
+                window=c.kernel_window,
+                omega_window=c.window,
+                normalize=c.kernel_normalize,
+                scale=c.kernel_scale,
+            )
+            if state is None:
+                scan = lambda q, k, v, lr, decay: kernel_memory_scan(q, k, v, lr, decay, **options)
+                return jax.vmap(scan)(i.q, i.k, i.v, i.lr, i.decay), None
+            stream = lambda q, k, v, lr, decay, s: kernel_memory_stream(
+                q, k, v, lr, decay, s, **options
+            )
+            return jax.vmap(stream)(i.q, i.k, i.v, i.lr, i.decay, state)
+        if state is None:
+            state = self.initial_memory_state()
+        optimizer = c.inner_optimizer()
+        objective = _OBJECTIVES[c.objective]
+
+        def head(feature_map, q, k, v, lr, decay, momentum, gamma, head_state):
+            return omega_scan(
+                head_state.memory,
+                q,
+                k,
+                v,
+                lr,
+                decay,
+                momentum,
+                gamma,
+                feature_map=feature_map,
+                objective=objective,
+                optimizer=optimizer,
+                window=c.window,
+                chunk_size=c.chunk_size,
+                method=c.method,  # pyright: ignore[reportArgumentType]
+                state=head_state,
+                decay_first=c.decay_first,
+                muon_per_chunk=c.muon_per_chunk,
+            )
+
+        return eqx.filter_vmap(head)(
+            self.feature_map, i.q, i.k, i.v, i.lr, i.decay, i.momentum, i.gamma, state
+        )
+
+    def combine_heads(
+        self, x: Float[Array, "T d_model"], y: Float[Array, "H T d_v"]
+    ) -> Float[Array, "T d_model"]:
+        """Output norm per head, output gate from `x`, output projection."""
+        c = self.config
+        if self.norm_scale is not None:
+            y = _rms_norm(y, self.norm_scale[:, None, :].astype(y.dtype), c.norm_eps)
+        o = y.transpose(1, 0, 2).reshape(x.shape[0], c.d_inner)
+        if self.gate_proj is not None:
+            g = x @ self.gate_proj.T.astype(x.dtype)
+            o = o * (jax.nn.silu(g) if c.output_gate == "silu" else jax.nn.sigmoid(g))
+        return o @ self.out_proj.T.astype(o.dtype)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _empty_conv(self, dtype: Any) -> Float[Array, "history channels"]:
+        c = self.config
+        return jnp.zeros((max(c.conv_size - 1, 0), 3 * c.d_inner), dtype)
+
+    def _initial_memory(self) -> AbstractMemory:
+        assert self.memory is not None
+        if self.config.learn_initial_memory:
+            return self.memory
+        return jax.lax.stop_gradient(self.memory)
+
+    def init_state(self, max_length: int) -> MemoryLayerState:
+        """The streaming state at the start of a sequence. The parametric memories have a
+        fixed-size state and ignore `max_length`; for `memory="kernel"` it is the number of
+        tokens the stream may hold."""
+        dtype = self.q_proj.dtype
+        return MemoryLayerState(
+            conv=self._empty_conv(dtype), memory=self.initial_memory_state(max_length)
+        )
+
+    def stream(
+        self, x: Float[Array, "T d_model"], state: MemoryLayerState
+    ) -> tuple[Float[Array, "T d_model"], MemoryLayerState]:
+        """Continue a stream with the next `x`; see the class docstring for when pieces compose
+        exactly."""
+        self._check_input(x)
+        inputs, conv = self._inputs(x, state.conv)
+        y, memory_state = self.run_memory(inputs, state.memory)
+        return self.combine_heads(x, y), MemoryLayerState(conv=conv, memory=memory_state)
+
+    def __call__(self, x: Float[Array, "T d_model"]) -> Float[Array, "T d_model"]:
+        """The layer over one whole sequence, `(T, d_model) -> (T, d_model)`."""
+        self._check_input(x)
+        inputs, _ = self._inputs(x, self._empty_conv(x.dtype))
+        y, _ = self.run_memory(inputs)
+        return self.combine_heads(x, y)
+
+    def _check_input(self, x: Array) -> None:
+        if x.ndim != 2 or x.shape[1] != self.d_model:
+            raise ValueError(
+                f"MemoryLayer: `x` must have shape (T, d_model={self.d_model}) (one sequence; "
+                f"jax.vmap for a batch); got {x.shape}"
+            )

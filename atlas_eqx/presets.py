@@ -1,0 +1,642 @@
+r"""Presets: one function per model of the ATLAS tables, all with the same signature.
+
+```python
+layer = ae.presets.NAME(d_model, n_heads, *, key, chunk_size=..., window=..., **overrides)
+y = layer(x)  # (T, d_model) -> (T, d_model); jax.vmap for a batch
+```
+
+`overrides` are fields of the layer's config (`MemoryLayerConfig` for the memory layers); an
+unknown name is a `ValueError` that lists the valid ones. Defaults follow the digest's
+recommendations (sections 7 and 10); each preset's docstring states what it fixes.
+
+**Feature maps at realistic head sizes** (digest §3.2, A-2). The exact degree-2 monomial map
+has $\binom{d+2}{2}$ features: 561 at $d_k = 32$, but 2145 at $d_k = 64$, which with a
+$\times4$ MLP memory is a $256\times2145$ fast weight per head (and per position under Muon).
+So the presets that use a polynomial $\phi$ (`atlas`, `atlas_pp`, `omeganet`, `dla`) take the
+exact monomial map ($p = 2$, learnable $a_i$ at $1/i!$) when `head_dim <= 32`, and the
+element-wise polynomial $k + k^{\odot2}/2$ (dimension-preserving, option (ii) of A-2) above.
+Override `feature_map=` to choose yourself.
+
+**Inner step size.** $\eta_t = \eta_{\max}\sigma(\cdot)$ (A-7). For the $\ell_2$ (delta / Omega)
+presets $\eta_{\max} = 1/(c\,\kappa)$, where $\kappa$ bounds $\|\phi(\hat k)\|^2$ for unit keys
+($\kappa = 1$ for the identity, $\sum_i a_i$ for the exact polynomial): then
+$\eta_t\sum_i\gamma_{t,i}\|\phi_i\|^2 \le 1$ and one GD step on a linear memory never
+overshoots. With $c = 1$ and the identity this is DeltaNet's $\beta_t\in(0,1)$. The Hebbian
+presets use $\eta_{\max} = 1$.
+"""
+
+import dataclasses
+import inspect
+import math
+from typing import Any
+
+import jax
+from jaxtyping import PRNGKeyArray
+
+from ._attention import AttentionLayer
+from ._hybrid import MAGLayer, MALLayer
+from ._layer import MemoryLayer, MemoryLayerConfig
+
+
+__all__ = [
+    "atlas",
+    "atlas_pp",
+    "deep_transformer",
+    "deltanet",
+    "dla",
+    "dot",
+    "gated_deltanet",
+    "linear_attention",
+    "mag",
+    "mal",
+    "omeganet",
+    "swa",
+    "swdt",
+    "swla",
+    "titans",
+    "transformer",
+]
+
+
+_EXACT_FEATURES_MAX_HEAD_DIM = 32
+_POSITIONAL = ("d_model", "n_heads", "window", "chunk_size")
+
+
+def _config_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(MemoryLayerConfig))
+
+
+def _check_overrides(preset: str, overrides: dict[str, Any], valid: tuple[str, ...]) -> None:
+    for name in overrides:
+        if name in _POSITIONAL:
+            raise ValueError(
+                f"presets.{preset}: `{name}` is an argument of the preset itself; pass it as "
+                f"`{name}=` directly, not among the overrides"
+            )
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"presets.{preset}: unknown override(s) {unknown}; valid overrides are the config "
+            f"fields {sorted(set(valid) - set(_POSITIONAL))}"
+        )
+
+
+def _head_dim(d_model: int, n_heads: int, overrides: dict[str, Any]) -> int:
+    head_dim = overrides.get("head_dim")
+    if head_dim is not None:
+        return head_dim
+    if not isinstance(n_heads, int) or n_heads < 1:
+        return 0  # MemoryLayerConfig reports the error
+    return d_model // n_heads
+
+
+def _polynomial_features(head_dim: int) -> dict[str, Any]:
+    if head_dim <= _EXACT_FEATURES_MAX_HEAD_DIM:
+        return dict(feature_map="polynomial", feature_degree=2, feature_include_constant=True)
+    return dict(feature_map="elementwise", feature_degree=2, feature_include_constant=False)
+
+
+def _feature_norm_bound(config: dict[str, Any], head_dim: int) -> float:
+    r"""$\kappa \ge \|\phi(k)\|^2$ for $\|k\| = 1$ at the initial coefficients $a_i = 1/i!$."""
+    if config.get("memory") == "kernel":
+        scale = config.get("kernel_scale") or 1.0 / math.sqrt(max(head_dim, 1))
+        return math.exp(scale)  # kappa(k, k) = exp(scale) for a unit key
+    kind = config.get("feature_map", "polynomial")
+    if kind == "identity":
+        return 1.0
+    degree = config.get("feature_degree", 2)
+    constant = config.get("feature_include_constant", kind != "elementwise")
+    start = 0 if constant or kind == "taylor" else 1
+    total = sum(1.0 / math.factorial(i) for i in range(start, degree + 1))
+    if kind == "elementwise":
+        # |phi_j| <= (sum_i a_i)|k_j| without the constant, <= sum_i a_i with it.
+        return total**2 * (max(head_dim, 1) if constant else 1)
+    return total
+
+
+def _memory_preset(
+    name: str,
+    base: dict[str, Any],
+    d_model: int,
+    n_heads: int,
+    key: PRNGKeyArray,
+    chunk_size: int,
+    window: int | None,
+    overrides: dict[str, Any],
+    *,
+    lr_from_window: bool,
+) -> MemoryLayer:
+    _check_overrides(name, overrides, _config_fields())
+    fields: dict[str, Any] = {**base, **overrides}
+    fields.update(d_model=d_model, n_heads=n_heads, chunk_size=chunk_size, window=window)
+    if lr_from_window and "lr_max" not in overrides:
+        c = window if isinstance(window, int) and window >= 1 else 1
+        head_dim = _head_dim(d_model, n_heads, overrides)
+        fields["lr_max"] = 1.0 / (c * _feature_norm_bound(fields, head_dim))
+    if "lr_init" not in overrides:
+        fields["lr_init"] = 0.5 * fields.get("lr_max", 1.0)
+    return MemoryLayer(MemoryLayerConfig(**fields), key=key)
+
+
+def atlas(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""ATLAS (ATLAS §5, Eqs 32-33, App. E): deep memory, polynomial $\phi$, window $c$, Muon.
+
+    Memory $\mathcal M(x) = x + W_1\sigma(W_2x)$ (Eq 42; 2 layers, hidden $4d_v$ (A-6), GELU,
+    residual when $\dim\phi = d_v$ (A-4)), learned $W_0$ per head (A-22). $\phi$: see the
+    module docstring. Omega window $c = 4$ (A-30), $\ell_2$ objective, Muon with 5 NS steps,
+    $S_t = \theta_tS_{t-1} + g_t$, $W_t = \alpha_tW_{t-1} - \eta_t\mathrm{NS}_5(S_t)$ (A-1).
+    Gates $\eta, \alpha, \theta$ per token and head, separable $\gamma$ (A-8 (b)); chunk
+    $b = 16$ (A-11).
+    """
+    base = dict(
+        memory="mlp",
+        objective="l2",
+        optimizer="muon",
+        **_polynomial_features(_head_dim(d_model, n_heads, overrides)),
+    )
+    return _memory_preset(
+        "atlas", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+def atlas_pp(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Atlas++ (ATLAS Eq 43): `atlas` with the gated memory
+    $\mathcal M(x) = x + W_1(\sigma(W_2x)\odot W_3x)$, GELU, $W_3$ shaped like $W_2$ (A-32)."""
+    base = dict(
+        memory="gated_mlp",
+        objective="l2",
+        optimizer="muon",
+        **_polynomial_features(_head_dim(d_model, n_heads, overrides)),
+    )
+    return _memory_preset(
+        "atlas_pp", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+def omeganet(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""OmegaNet (ATLAS Eq 10, App. D.3): `atlas` without Muon and without momentum.
+
+    $W_t = \alpha_tW_{t-1} - \eta_t\nabla\sum_{i=t-c+1}^{t}\gamma_i\tfrac12
+    \|\mathcal M(\phi(k_i)) - v_i\|^2$ (plain GD with retention; "Atlas w/o Muon" is OmegaNet,
+    digest §2.2).
+    """
+    base = dict(
+        memory="mlp",
+        objective="l2",
+        optimizer="gd",
+        **_polynomial_features(_head_dim(d_model, n_heads, overrides)),
+    )
+    return _memory_preset(
+        "omeganet", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+def titans(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""The Titans neural long-term memory, LMM (Titans Eqs 13-14; ATLAS Eqs 12-13).
+
+    $c = 1$, GD with momentum in ATLAS's form $S_t = \theta_tS_{t-1} + g_t$,
+    $W_t = \alpha_tW_{t-1} - \eta_tS_t$ (equal to Titans' form for constant $\eta$, I-15),
+    deep memory (Eq 42, 2 layers, GELU, residual), identity $\phi$, gates $\eta, \alpha,
+    \theta$ per token and head.
+    """
+    base = dict(
+        memory="mlp",
+        objective="l2",
+        optimizer="momentum",
+        feature_map="identity",
+        gamma_mode="none",
+    )
+    return _memory_preset(
+        "titans", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+def deltanet(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""DeltaNet (Titans Eq 34; digest I-11): $W_t = W_{t-1}(I - \beta_tk_tk_t^\top) +
+    \beta_tv_tk_t^\top$.
+
+    Linear memory, $c = 1$, GD on $\tfrac12\|Wk - v\|^2$, no retention ($\alpha \equiv 1$),
+    identity $\phi$, $\beta_t = \eta_t = \sigma(\cdot)\in(0, 1)$, $W_0 = 0$ (fixed, as in
+    DeltaNet).
+    """
+    base = dict(
+        memory="linear",
+        objective="l2",
+        optimizer="gd",
+        feature_map="identity",
+        decay_gate=False,
+        gamma_mode="none",
+        memory_init_std=0.0,
+        learn_initial_memory=False,
+    )
+    return _memory_preset(
+        "deltanet", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+def gated_deltanet(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Gated DeltaNet (ATLAS Table 1; digest I-12): $W_t = \alpha_tW_{t-1}(I -
+    \beta_tk_tk_t^\top) + \beta_tv_tk_t^\top$.
+
+    `deltanet` with the retention gate $\alpha_t$ and `decay_first=True` (the gradient is taken
+    at the decayed state $\alpha_tW_{t-1}$).
+    """
+    base = dict(
+        memory="linear",
+        objective="l2",
+        optimizer="gd",
+        feature_map="identity",
+        decay_gate=True,
+        decay_first=True,
+        gamma_mode="none",
+        memory_init_std=0.0,
+        learn_initial_memory=False,
+    )
+    return _memory_preset(
+        "gated_deltanet",
+        base,
+        d_model,
+        n_heads,
+        key,
+        chunk_size,
+        window,
+        overrides,
+        lr_from_window=True,
+    )
+
+
+def linear_attention(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Linear attention (ATLAS Table 1): $W_t = W_{t-1} + v_tk_t^\top$, $y_t = W_tq_t$.
+
+    Linear memory, Hebbian objective $-\langle Wk, v\rangle$ (`ae.dot`), one GD step with
+    $\eta \equiv 1$, no retention, $W_0 = 0$ (fixed), identity $\phi$ on $\ell_2$-normalised
+    q, k. Equals the masked quadratic form $Y = \mathrm{tril}(QK^\top)V$ (digest I-4).
+    """
+    base = dict(
+        memory="linear",
+        objective="dot",
+        optimizer="gd",
+        feature_map="identity",
+        lr_gate=False,
+        lr_max=1.0,
+        decay_gate=False,
+        gamma_mode="none",
+        memory_init_std=0.0,
+        learn_initial_memory=False,
+    )
+    return _memory_preset(
+        "linear_attention",
+        base,
+        d_model,
+        n_heads,
+        key,
+        chunk_size,
+        window,
+        overrides,
+        lr_from_window=False,
+    )
+
+
+def dla(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Deep (gated) linear attention, DLA (ATLAS Eq 19, D.1 Eqs 49-51).
+
+    $W_t = \alpha_tW_{t-1} - \eta_t\nabla(-\langle\mathcal M(\phi(k_t); W_{t-1}), v_t\rangle)$:
+    Hebbian objective, deep memory (Eq 42), polynomial $\phi$ (module docstring), gates
+    $\eta$ ($\eta_{\max} = 1$) and $\alpha$, $c = 1$, GD.
+    """
+    base = dict(
+        memory="mlp",
+        objective="dot",
+        optimizer="gd",
+        gamma_mode="none",
+        lr_max=1.0,
+        **_polynomial_features(_head_dim(d_model, n_heads, overrides)),
+    )
+    return _memory_preset(
+        "dla", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=False
+    )
+
+
+def swla(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Sliding-window linear attention, SWLA (ATLAS Eq 20, D.2 Eqs 53-55, sign fixed).
+
+    $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t}\gamma_i\,v_ik_i^\top$: Hebbian objective
+    over a window $c = 4$, linear memory, $W_0 = 0$ (fixed), identity $\phi$, gates $\eta$
+    ($\eta_{\max} = 1$), $\alpha$ (Eq 54) and separable $\gamma$. SWLA is not SWA: with
+    $\alpha = \gamma = 1$ the coefficient of $v_ik_i^\top$ in $W_t$ is $\min(c, t-i+1)$ (I-30).
+    """
+    base = dict(
+        memory="linear",
+        objective="dot",
+        optimizer="gd",
+        feature_map="identity",
+        lr_max=1.0,
+        memory_init_std=0.0,
+        learn_initial_memory=False,
+    )
+    return _memory_preset(
+        "swla", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=False
+    )
+
+
+def deep_transformer(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 1,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""DeepTransformer (ATLAS Eqs 25-26, digest §5.2) with a linear memory on $\phi^*$.
+
+    The exponential feature map by the kernel trick (`kernel_memory_scan`, A-15), Hebbian rule
+    $W_t = \alpha_tW_{t-1} + \eta_tv_t\phi^*(k_t)^\top$ with the gates of Table 1 ($\eta$,
+    $\eta_{\max} = 1$, and $\alpha$), $W_0 = 0$, kernel $\exp(q^\top k/\sqrt{d_k})$ and value
+    augmentation (A-16), so that with `lr_gate=False, decay_gate=False` it is causal softmax
+    attention exactly (I-28). `chunk_size` has no effect (the kernel form is exact).
+    """
+    base = dict(
+        memory="kernel",
+        objective="dot",
+        optimizer="gd",
+        feature_map="identity",
+        gamma_mode="none",
+        lr_max=1.0,
+        kernel_normalize=True,
+    )
+    return _memory_preset(
+        "deep_transformer",
+        base,
+        d_model,
+        n_heads,
+        key,
+        chunk_size,
+        window,
+        overrides,
+        lr_from_window=False,
+    )
+
+
+def swdt(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Sliding-window DeepTransformer, SWDT (ATLAS Table 1, digest §5.4).
+
+    `deep_transformer` whose step writes the last $c = 4$ tokens:
+    $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t}v_i\phi^*(k_i)^\top$ (re-weighted, not
+    windowed, attention; digest §5.6). A non-parametric sliding window is `kernel_window=w`.
+    """
+    base = dict(
+        memory="kernel",
+        objective="dot",
+        optimizer="gd",
+        feature_map="identity",
+        gamma_mode="none",
+        lr_max=1.0,
+        kernel_normalize=True,
+    )
+    return _memory_preset(
+        "swdt", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=False
+    )
+
+
+def dot(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    **overrides: Any,
+) -> MemoryLayer:
+    r"""Dot, the Deep Omega Transformer (ATLAS Eq 27, corrected form of digest §5.5).
+
+    $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t}(v_i - W_{t-1}\phi^*(k_i))\phi^*(k_i)^\top$
+    on $\phi^*$ by the kernel trick (delta-rule attention), $c = 4$, gates $\eta$, $\alpha$,
+    $W_0 = 0$. No value augmentation ("Without Normalization", Table 1; a delta-rule
+    denominator need not stay positive): the layer's output RMSNorm normalises instead.
+    $\eta_{\max} = 1/(c\,e^{1/\sqrt{d_k}})$ bounds $\eta_t\sum_i\kappa(k_i, k_i)$ by 1.
+    """
+    base = dict(
+        memory="kernel",
+        objective="l2",
+        optimizer="gd",
+        feature_map="identity",
+        gamma_mode="none",
+        kernel_normalize=False,
+    )
+    return _memory_preset(
+        "dot", base, d_model, n_heads, key, chunk_size, window, overrides, lr_from_window=True
+    )
+
+
+_ATTENTION_OPTIONS = tuple(
+    name
+    for name in inspect.signature(AttentionLayer.__init__).parameters
+    if name not in ("self", "d_model", "n_heads", "key", "window")
+)
+
+
+def _attention(
+    name: str,
+    d_model: int,
+    n_heads: int,
+    key: PRNGKeyArray,
+    window: int | None,
+    overrides: dict[str, Any],
+) -> AttentionLayer:
+    unknown = sorted(set(overrides) - set(_ATTENTION_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"presets.{name}: unknown override(s) {unknown}; valid overrides are the "
+            f"AttentionLayer options {sorted(_ATTENTION_OPTIONS)}"
+        )
+    return AttentionLayer(d_model, n_heads, key=key, window=window, **overrides)
+
+
+def transformer(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int | None = None,
+    **overrides: Any,
+) -> AttentionLayer:
+    r"""Transformer++ attention (Llama; ATLAS baselines): causal softmax attention with RoPE,
+    $y = W_O\,\mathrm{softmax}(QK^\top/\sqrt{d_h} + \text{causal mask})V$ per head.
+
+    `window=w` makes it sliding-window attention; `chunk_size` has no effect. Overrides are
+    `AttentionLayer` options (`head_dim`, `n_persistent`, `rope_base`, `dtype`).
+    """
+    del chunk_size
+    return _attention("transformer", d_model, n_heads, key, window, overrides)
+
+
+def swa(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 2048,
+    **overrides: Any,
+) -> AttentionLayer:
+    r"""Sliding-window attention (ATLAS Eq 18): token $t$ attends to $t-w+1..t$, $w = 2048$
+    ("2K for SWA", digest A-17). RoPE as `transformer`; `chunk_size` has no effect."""
+    del chunk_size
+    return _attention("swa", d_model, n_heads, key, window, overrides)
+
+
+def _hybrid_parts(
+    name: str,
+    d_model: int,
+    n_heads: int,
+    key: PRNGKeyArray,
+    chunk_size: int,
+    window: int,
+    attention_window: int,
+    memory_preset: str,
+    overrides: dict[str, Any],
+):
+    memory_presets = ("atlas", "atlas_pp", "omeganet", "titans", "deltanet", "gated_deltanet")
+    memory_presets += ("linear_attention", "dla", "swla", "deep_transformer", "swdt", "dot")
+    if memory_preset not in memory_presets:
+        raise ValueError(
+            f"presets.{name}: `memory_preset` must be one of {memory_presets}; got "
+            f"{memory_preset!r}"
+        )
+    k_attention, k_memory, k_hybrid = jax.random.split(key, 3)
+    memory = globals()[memory_preset](
+        d_model, n_heads, key=k_memory, chunk_size=chunk_size, window=window, **overrides
+    )
+    attention = AttentionLayer(d_model, n_heads, key=k_attention, window=attention_window)
+    return attention, memory, k_hybrid
+
+
+def mag(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    attention_window: int = 2048,
+    n_persistent: int = 0,
+    memory_preset: str = "atlas",
+    **overrides: Any,
+) -> MAGLayer:
+    r"""Memory as a gate (Titans Eqs 26-28; "Atlas (MAG)" of ATLAS Table 2; digest A-17):
+    $o = W_o(\mathrm{norm}_1(\mathrm{SWA}^*(\tilde x))\odot\sigma(\mathrm{norm}_2(
+    \mathcal M(\tilde x))))$.
+
+    SWA with window `attention_window` (2048, A-17) and RoPE; the memory branch is the preset
+    `memory_preset` (`"atlas"`) with `chunk_size`, `window` and the `overrides` (its config
+    fields); `n_persistent` learned persistent tokens (0).
+    """
+    attention, memory, k = _hybrid_parts(
+        "mag", d_model, n_heads, key, chunk_size, window, attention_window, memory_preset, overrides
+    )
+    return MAGLayer(attention, memory, key=k, n_persistent=n_persistent)
+
+
+def mal(
+    d_model: int,
+    n_heads: int,
+    *,
+    key: PRNGKeyArray,
+    chunk_size: int = 16,
+    window: int = 4,
+    attention_window: int = 2048,
+    n_persistent: int = 0,
+    memory_preset: str = "atlas",
+    **overrides: Any,
+) -> MALLayer:
+    r"""Memory as a layer (Titans Eqs 29-31; "Atlas (MAL)" of ATLAS Table 2):
+    $o = \mathrm{SWA}^*(\mathcal M(\tilde x))$, the memory layer then sliding-window attention.
+
+    Same options as `mag`.
+    """
+    attention, memory, k = _hybrid_parts(
+        "mal", d_model, n_heads, key, chunk_size, window, attention_window, memory_preset, overrides
+    )
+    return MALLayer(memory, attention, key=k, n_persistent=n_persistent)
