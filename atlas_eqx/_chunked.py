@@ -167,13 +167,21 @@ def _mlp_dual_read(memory: MLPMemory, S, inputs, deltas, Q, c: _Coefficients):
 
 
 def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool):
-    r"""`MLPMemory`: each layer's per-token gradients are rank-1, $\delta_i h_i^\top$."""
+    r"""`MLPMemory`: each layer's per-token gradients are rank-1, $\delta_i h_i^\top$.
+
+    The reads happen inside the chunk loop, while the chunk's anchor is at hand: stacking every
+    chunk's anchor weights and gradient factors for a batched read afterwards moves
+    O(T / b * |W|) bytes through memory, which made long sequences 3x slower per token.
+    """
     coeffs = jax.vmap(_coefficients, in_axes=(0, None))(chunks, S is not None)
+    params, static = eqx.partition(memory, eqx.is_inexact_array)
 
     def body(carry, xs):
-        memory, S = carry
-        X, V, c = xs
+        params, S = carry
+        X, V, Q, c = xs
+        memory = eqx.combine(params, static)
         inputs, deltas = _mlp_gradient_factors(memory, X, V, objective)
+        y = _mlp_dual_read(memory, S, inputs, deltas, Q, c)
         weights = []
         momenta = []
         for layer, (weight, h_in, delta) in enumerate(
@@ -186,26 +194,10 @@ def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool)
             weights.append(W_end)
         new_memory = eqx.tree_at(lambda m: m.weights, memory, tuple(weights))
         new_S = tuple(momenta) if S is not None else None
-        return (new_memory, new_S), (memory, S, inputs, deltas)
+        return (eqx.filter(new_memory, eqx.is_inexact_array), new_S), y
 
-    params, static = eqx.partition(memory, eqx.is_inexact_array)
-
-    def array_body(carry, xs):
-        p, S = carry
-        (m, S), (anchor, anchor_S, inputs, deltas) = body((eqx.combine(p, static), S), xs)
-        return (eqx.filter(m, eqx.is_inexact_array), S), (
-            eqx.filter(anchor, eqx.is_inexact_array),
-            anchor_S,
-            inputs,
-            deltas,
-        )
-
-    xs = (chunks.features_e, chunks.values_e, coeffs)
-    (params, S), (anchors, anchor_S, inputs, deltas) = _scan_chunks(
-        array_body, (params, S), xs, remat
-    )
-    read = lambda p, s, i, d, q, c: _mlp_dual_read(eqx.combine(p, static), s, i, d, q, c)
-    y = jax.vmap(read)(anchors, anchor_S, inputs, deltas, chunks.features_q, coeffs)
+    xs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
+    (params, S), y = _scan_chunks(body, (params, S), xs, remat)
     return y, eqx.combine(params, static), S
 
 
