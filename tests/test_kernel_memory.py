@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
-from jaxtyping import TypeCheckError
+from jaxtyping import Array, TypeCheckError
 
 import atlas_eqx as ae
 import feature_maps as fm
@@ -45,8 +45,8 @@ RTOL = 1e-10
 def taylor_kernel(order: int):
     """The degree-`order` truncation of exp, elementwise: sum_{i<=P} s^i / i!."""
 
-    def kernel(s):
-        return sum(s**i / math.factorial(i) for i in range(order + 1))
+    def kernel(s: Array) -> Array:
+        return sum((s**i / math.factorial(i) for i in range(1, order + 1)), jnp.ones_like(s))
 
     kernel.__name__ = f"taylor{order}"
     return kernel
@@ -55,7 +55,7 @@ def taylor_kernel(order: int):
 POLY_COEFFICIENTS = (0.7, 1.3, 0.4)  # a positive, non-Taylor polynomial kernel
 
 
-def poly_kernel(s):
+def poly_kernel(s: Array) -> Array:
     a0, a1, a2 = POLY_COEFFICIENTS
     return a0 + a1 * s + a2 * s**2
 
@@ -69,15 +69,19 @@ def poly_features(x: np.ndarray) -> np.ndarray:
     )
 
 
-def draw(seed: int, T: int, d_k: int, d_v: int, *, unit: bool = False, gates: bool = True):
+def draw_qkv(seed: int, T: int, d_k: int, d_v: int, *, unit: bool = False):
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((T, d_k)), rng.standard_normal((T, d_k))
     if unit:
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         k /= np.linalg.norm(k, axis=1, keepdims=True)
-    v = rng.standard_normal((T, d_v))
-    if not gates:
-        return q, k, v, None, None
+    return q, k, rng.standard_normal((T, d_v))
+
+
+def draw(seed: int, T: int, d_k: int, d_v: int, *, unit: bool = False):
+    """q, k, v and gates lr in [0, 1], decay in [0, 1], with exact 0 and 1 edges."""
+    q, k, v = draw_qkv(seed, T, d_k, d_v, unit=unit)
+    rng = np.random.default_rng(seed + 1)
     lr = rng.uniform(0.0, 1.0, T)
     decay = rng.uniform(0.0, 1.0, T)
     lr[rng.random(T) < 0.15] = 0.0
@@ -204,7 +208,7 @@ def omega_reference(feature_map, q, k, v, lr, decay, *, rule, c=1, normalize=Fal
 
 @given(seed=SEEDS, T=st.sampled_from([5, 7]), d=st.sampled_from([4, 8]))
 def test_i28_hebbian_normalized_is_causal_softmax_attention(seed, T, d):
-    q, k, v, _, _ = draw(seed, T, d, d, gates=False)
+    q, k, v = draw_qkv(seed, T, d, d)
     q, k = 2.0 * q, 2.0 * k  # logits of order 1-10, so the softmax is far from uniform
     y = scan(q, k, v, normalize=True)
     close(y, masked_softmax(q, k, v), 1e-12)
@@ -213,7 +217,7 @@ def test_i28_hebbian_normalized_is_causal_softmax_attention(seed, T, d):
 
 @given(seed=SEEDS, T=st.sampled_from([5, 7]), d=st.sampled_from([4, 8]))
 def test_i28_unnormalized_is_the_exp_sum(seed, T, d):
-    q, k, v, _, _ = draw(seed, T, d, d, gates=False)
+    q, k, v = draw_qkv(seed, T, d, d)
     expected = np.stack(
         [sum(v[i] * np.exp(q[t] @ k[i] / np.sqrt(d)) for i in range(t + 1)) for t in range(T)]
     )
@@ -222,7 +226,7 @@ def test_i28_unnormalized_is_the_exp_sum(seed, T, d):
 
 @given(seed=SEEDS, T=st.sampled_from([5, 7]), window=st.sampled_from([1, 2, 3]))
 def test_i29_window_is_sliding_window_softmax(seed, T, window):
-    q, k, v, _, _ = draw(seed, T, 4, 4, gates=False)
+    q, k, v = draw_qkv(seed, T, 4, 4)
     q, k = 2.0 * q, 2.0 * k
     y = scan(q, k, v, normalize=True, window=window)
     close(y, masked_softmax(q, k, v, window=window), 1e-12)
@@ -258,7 +262,7 @@ def test_window_is_the_memory_rebuilt_over_the_last_w_tokens(window, c, normaliz
 
 
 def test_normalized_exp_is_stable_for_large_logits():
-    q, k, v, _, _ = draw(0, 7, 4, 4, gates=False)
+    q, k, v = draw_qkv(0, 7, 4, 4)
     q, k = 30.0 * q, 30.0 * k  # logits up to ~1e3: exp overflows without the row maximum
     y = scan(q, k, v, normalize=True)
     close(y, masked_softmax(q, k, v), 1e-12)
@@ -364,7 +368,7 @@ def test_i32_truncation_error_obeys_the_i27_bound_and_decreases(seed):
     """With unit q, k and scale 1 (|s| <= 1), |kappa_P - exp| <= e/(P+1)! entrywise, so
     |y_P - y_exp|_t <= e/(P+1)! sum_{i<=t} |v_i| (Hebbian, no gates)."""
     T, d = 7, 4
-    q, k, v, _, _ = draw(seed, T, d, 3, unit=True)
+    q, k, v = draw_qkv(seed, T, d, 3, unit=True)
     exact = np.asarray(scan(q, k, v, scale=1.0))
     mass = np.cumsum(np.abs(v), axis=0)
     errors = []
