@@ -4,13 +4,15 @@ With $W_0 = 0$ every write is a sum of outer products $\beta\,\phi(k_j)^\top$, s
 $W_t = \sum_{j\le t}\beta_{t,j}\,\phi(k_j)^\top$ and its read is
 $y_t = W_t\phi(q_t) = \sum_{j\le t}\beta_{t,j}\,\kappa(k_j, q_t)$ (the kernel trick, digest 5.1-5.5).
 The state is a KV cache: the keys and one coefficient vector $\beta_{t,j}\in\mathbb R^{d_v}$ per
-stored token. Training cost is $\mathcal O(T^2)$, like attention.
+stored token. Training cost is $\mathcal O(T^2)$, like attention (`kernel_memory_scan`); decoding
+is one token at a time against a fixed-capacity cache (`kernel_memory_stream`), exact against it.
 
 - `rule="hebbian"` (DeepTransformer, SWDT; ATLAS Eqs 25-26, digest 5.2):
   $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t} v_i\phi(k_i)^\top$, a closed quadratic form.
 - `rule="delta"` (Dot; ATLAS Eq 27 in the corrected form of digest 5.5):
   $W_t = \alpha_tW_{t-1} + \eta_t\sum_{i=t-c+1}^{t}(v_i - W_{t-1}\phi(k_i))\,\phi(k_i)^\top$, the
-  triangular residual recursion (digest I-31).
+  triangular residual recursion (digest I-31), solved at once as a unit lower-triangular system
+  over the $Tc$ (step, window token) pairs, $\mathcal O((Tc)^2)$ memory.
 """
 
 import math
@@ -236,27 +238,55 @@ def kernel_memory_scan(
             scores = scores - jax.lax.stop_gradient(row_max)
         y = (coefficients * _masked_kernel(kernel, scores, visible)) @ values
         return _divide(y, normalize)
+    return _divide(
+        _delta_residual_solve(k, values, lr, decay, scores, kernel, sigma, omega_window), normalize
+    )
+
+
+def _delta_residual_solve(
+    k: Float[Array, "T d_k"],
+    values: Float[Array, "T d_v_aug"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    scores: Float[Array, "T T"],
+    kernel: Kernel,
+    sigma: float,
+    c: int,
+) -> Float[Array, "T d_v_aug"]:
+    r"""The delta rule's residuals by one unit lower-triangular solve (digest 5.5, I-31).
+
+    Step $s$ writes $\eta_s r_{s,i}\phi(k_i)^\top$ for each window token $i = s - j$,
+    $j < c$, with $r_{s,i} = v_i - W_{s-1}\phi(k_i)$ and
+    $W_{s-1} = \sum_{s'<s}L_\alpha[s-1,s']\,\eta_{s'}\sum_{i'}r_{s',i'}\phi(k_{i'})^\top$. On
+    the $Tc$ pairs $n = (s, j)$ this is $(I + M)R = V$ with the strictly block-lower
+    $M[n, n'] = L_\alpha[s-1, s']\,\eta_{s'}\,\kappa(k_{i'}, k_i)$, and then
+    $y_t = \sum_n L_\alpha[t, s]\,\eta_s\,\kappa(k_i, q_t)\,r_n$. Memory is
+    $\mathcal O((Tc)^2)$ (no per-step state is stored for the backward pass).
+    """
+    T = k.shape[0]
     idx = jnp.arange(T)
     offset = idx[:, None] - idx[None, :]
-    # gram[j, i] = kappa(k_j, k_i) is read only for j < t <= i + c - 1.
-    gram = _masked_kernel(kernel, sigma * (k @ k.T), offset < omega_window - 1)
+    # gram[j, i] = kappa(k_j, k_i) is needed only for j <= s' < s <= i + c - 1.
+    gram = _masked_kernel(kernel, sigma * (k @ k.T), offset < c - 1)
     read = _masked_kernel(kernel, scores, offset >= 0)
-    offsets = jnp.arange(omega_window)
-
-    def step(beta, inputs):
-        t, eta, alpha = inputs
-        window_idx = t - offsets
-        in_window = (window_idx >= 0).astype(q.dtype)[:, None]
-        window_idx = jnp.maximum(window_idx, 0)
-        gram_window = jnp.where((idx < t)[:, None], gram[:, window_idx], 0.0)
-        prediction = gram_window.T @ beta  # W_{t-1} phi(k_i), (c, d_v')
-        residual = (values[window_idx] - prediction) * in_window
-        beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual)
-        return beta, read[t] @ beta
-
-    beta0 = jnp.zeros_like(values)
-    _, y = jax.lax.scan(step, beta0, (jnp.arange(T), lr, decay))
-    return _divide(y, normalize)
+    steps = jnp.repeat(idx, c)  # s(n) for n = s * c + j
+    tokens = steps - jnp.tile(jnp.arange(c), T)  # i(n) = s - j
+    valid = tokens >= 0
+    tokens = jnp.maximum(tokens, 0)
+    decays = decay_matrix(decay)  # L[t, s]
+    previous = jnp.concatenate([jnp.zeros((1, T), decays.dtype), decays[:-1]])  # L[s-1, s'], s' < s
+    written = jnp.where(valid, lr[steps], 0.0)  # eta_s for a real pair, else 0
+    coupling = previous[steps][:, steps] * written[None, :] * gram[tokens][:, tokens].T
+    coupling = jnp.where(valid[:, None], coupling, 0.0)
+    rhs = jnp.where(valid[:, None], values[tokens], 0.0)
+    residuals = jax.scipy.linalg.solve_triangular(coupling, rhs, lower=True, unit_diagonal=True)
+    weights = decays[:, steps] * written[None, :] * read[:, tokens]  # [t, n], 0 for s(n) > t
+    # A product 0 * inf would let a later overflow poison earlier outputs; a non-finite
+    # residual reaches exactly the outputs with a nonzero weight on it instead.
+    finite = jnp.isfinite(residuals)
+    y = weights @ jnp.where(finite, residuals, 0.0)
+    poisoned = (weights != 0).astype(y.dtype) @ (~finite).astype(y.dtype) > 0
+    return jnp.where(poisoned, jnp.nan, y)
 
 
 @jaxtyped(typechecker=beartype)
