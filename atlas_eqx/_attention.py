@@ -52,18 +52,18 @@ def rope(
 
 @jaxtyped(typechecker=beartype)
 def causal_attention(
-    q: Float[Array, "T heads d"],
-    k: Float[Array, "S heads d"],
-    v: Float[Array, "S heads d_v"],
+    q: Float[Array | np.ndarray, "T heads d"],
+    k: Float[Array | np.ndarray, "S heads d"],
+    v: Float[Array | np.ndarray, "S heads d_v"],
     *,
     window: int | None = None,
     scale: float | None = None,
-    query_positions: Int[Array, " T"] | None = None,
-    key_positions: Int[Array, " S"] | None = None,
-    key_valid: Bool[Array, " S"] | None = None,
-    persistent_keys: Float[Array, "P heads d"] | None = None,
-    persistent_values: Float[Array, "P heads d_v"] | None = None,
-    persistent_queries: Float[Array, "T heads d"] | None = None,
+    query_positions: Int[Array | np.ndarray, " T"] | None = None,
+    key_positions: Int[Array | np.ndarray, " S"] | None = None,
+    key_valid: Bool[Array | np.ndarray, " S"] | None = None,
+    persistent_keys: Float[Array | np.ndarray, "P heads d"] | None = None,
+    persistent_values: Float[Array | np.ndarray, "P heads d_v"] | None = None,
+    persistent_queries: Float[Array | np.ndarray, "T heads d"] | None = None,
 ) -> Float[Array, "T heads d_v"]:
     r"""Masked softmax attention, written with explicit masks (ATLAS Eqs 17-18, Titans Eq 19).
 
@@ -98,14 +98,14 @@ def causal_attention(
             "causal_attention: give both `persistent_keys` and `persistent_values`, or neither"
         )
     sigma = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    m = jnp.arange(T) if query_positions is None else query_positions
-    n = jnp.arange(S) if key_positions is None else key_positions
+    m = jnp.arange(T) if query_positions is None else jnp.asarray(query_positions)
+    n = jnp.arange(S) if key_positions is None else jnp.asarray(key_positions)
     distance = m[:, None] - n[None, :]
     visible = distance >= 0
     if window is not None:
         visible = visible & (distance < window)
     if key_valid is not None:
-        visible = visible & key_valid[None, :]
+        visible = visible & jnp.asarray(key_valid)[None, :]
     logits = sigma * jnp.einsum("thd,shd->hts", q, k)
     logits = jnp.where(visible[None], logits, -jnp.inf)
     values = v
@@ -175,7 +175,7 @@ class AttentionLayer(AbstractMixer):
         window: int | None = None,
         n_persistent: int = 0,
         rope_base: float = 10000.0,
-        dtype=None,
+        dtype: jnp.dtype | type | None = None,
     ):
         r"""**Arguments:**
 

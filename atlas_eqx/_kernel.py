@@ -228,8 +228,9 @@ def kernel_memory_scan(
     if rule == "hebbian":
         idx = jnp.arange(T)
         offset = idx[:, None] - idx[None, :]
-        band = ((offset >= 0) & (offset < omega_window)).astype(q.dtype)
-        coefficients = decay_matrix(decay) @ (lr[:, None] * band)  # C[t, i]
+        # C[t, i] = sum_{j<c} L[t, i+j] eta_{i+j}: c shifted copies, O(c T^2) (L[t, s] = 0, s > t).
+        written = jnp.pad(decay_matrix(decay) * lr[None, :], ((0, 0), (0, omega_window - 1)))
+        coefficients = sum(written[:, j : j + T] for j in range(omega_window))
         visible = offset >= 0 if window is None else (offset >= 0) & (offset < window)
         coefficients = jnp.where(visible, coefficients, 0.0)
         if kernel == "exp" and normalize:

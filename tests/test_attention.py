@@ -274,3 +274,18 @@ def test_full_kv_cache_raises():
 def test_rope_needs_an_even_head_dim():
     with pytest.raises(ValueError, match="even"):
         ae.rope(jnp.ones((3, 5)), jnp.arange(3))
+
+
+def test_float32_layer_stays_float32_and_agrees():
+    layer = make_layer(window=3, n_persistent=1)
+    built = ae.AttentionLayer(
+        D_MODEL, HEADS, key=jax.random.PRNGKey(0), window=3, n_persistent=1, dtype=jnp.float32
+    )
+    assert built.wq.weight.dtype == jnp.float32 and built.persistent is not None
+    assert built.persistent.dtype == jnp.float32
+    single = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), layer)  # same weights
+    x = inputs(0, 9)
+    y = call(single, jnp.asarray(x, jnp.float32))
+    assert y.dtype == jnp.float32 and y.shape == (9, D_MODEL)
+    assert single.init_state(4).keys.dtype == jnp.float32
+    close(y, call(layer, jnp.asarray(x)), 1e-5)

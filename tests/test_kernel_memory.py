@@ -541,3 +541,13 @@ def test_stream_state_errors():
         ae.kernel_memory_stream(q, k, v, lr, decay, state, normalize=True)
     with pytest.raises(ValueError, match="`max_length`"):
         ae.init_kernel_memory_state(0, 3, 3)
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "delta"])
+def test_float32_stays_float32_and_agrees(rule):
+    q, k, v, lr, decay = draw(4, 7, 4, 3, unit=True)
+    exact = scan(q, k, v, lr, decay, rule=rule, omega_window=2)
+    single = (x.astype(np.float32) for x in (q, k, v, lr, decay))
+    y = scan(*single, rule=rule, omega_window=2)
+    assert y.dtype == jnp.float32 and y.shape == (7, 3)
+    close(y, exact, 1e-5)
