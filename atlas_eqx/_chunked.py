@@ -334,7 +334,7 @@ def _band_gates(
     return gates * mask * valid
 
 
-def chunked_scan(
+def make_chunks(
     state: OmegaState,
     features_q: Float[Array, "T d_in"],
     features_k: Float[Array, "T d_in"],
@@ -344,18 +344,15 @@ def chunked_scan(
     momentum: Float[Array, " T"],
     gamma: Float[Array, " T"] | Float[Array, "T c"],
     *,
-    objective: Callable[..., Scalar],
-    optimizer: iopt.InnerOptimizer,
     window: int,
     chunk_size: int,
-    decay_first: bool,
-    muon_per_chunk: bool = False,
-    remat: bool = True,
-    force_materialised: bool = False,
-) -> tuple[Float[Array, "T d_out"], OmegaState]:
-    """The chunk-parallel form of `sequential_scan` (same arguments, same results).
+) -> _Chunk:
+    """The chunk layout every chunk-parallel form reads (the XLA forms here, the Pallas kernels).
 
-    Arguments are validated by `omega_scan`; this is the unchecked implementation.
+    T is padded to a multiple of `chunk_size` with steps that cannot write (eta = 0, gates 0,
+    alpha = theta = 1, `valid` = 0); each chunk carries its extended token set (the chunk plus
+    the `window - 1` tokens before it, taken from `state` for the first chunk) and the banded
+    gate matrix Gamma over it.
     """
     T = v.shape[0]
     b, c = chunk_size, window
@@ -393,7 +390,46 @@ def chunked_scan(
         momentum=momentum_p.reshape(n_chunks, b),
         valid=step_valid.reshape(n_chunks, b),
     )
+    return chunks
 
+
+def chunked_scan(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    momentum: Float[Array, " T"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    objective: Callable[..., Scalar],
+    optimizer: iopt.InnerOptimizer,
+    window: int,
+    chunk_size: int,
+    decay_first: bool,
+    muon_per_chunk: bool = False,
+    remat: bool = True,
+    force_materialised: bool = False,
+) -> tuple[Float[Array, "T d_out"], OmegaState]:
+    """The chunk-parallel form of `sequential_scan` (same arguments, same results).
+
+    Arguments are validated by `omega_scan`; this is the unchecked implementation.
+    """
+    T = v.shape[0]
+    chunks = make_chunks(
+        state,
+        features_q,
+        features_k,
+        v,
+        lr,
+        decay,
+        momentum,
+        gamma,
+        window=window,
+        chunk_size=chunk_size,
+    )
+    n_chunks, b = chunks.lr.shape
     memory = state.memory
     params, static = eqx.partition(memory, eqx.is_inexact_array)
     identity_precondition = optimizer.precondition is iopt.no_precondition
@@ -439,16 +475,35 @@ def chunked_scan(
         new_memory = eqx.combine(params, static)
 
     y = y.reshape(n_chunks * b, -1)[:T]
-    keep = c - 1
+    new_state = carry_window(
+        state, features_k, v, gamma, window=window, memory=new_memory, optimizer_state=new_opt
+    )
+    return y, new_state
+
+
+def carry_window(
+    state: OmegaState,
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    window: int,
+    memory: PyTree,
+    optimizer_state: PyTree,
+) -> OmegaState:
+    """The state after a call: the new weights and momentum, and the last `window - 1` tokens."""
+    T = v.shape[0]
+    dtype = v.dtype
+    keep = window - 1
     all_features = jnp.concatenate([state.window_features, features_k])
     all_values = jnp.concatenate([state.window_values, v])
     all_gates = jnp.concatenate(
         [state.window_gates, gamma if gamma.ndim == 1 else jnp.ones((T,), dtype)]
     )
     all_mask = jnp.concatenate([state.window_mask, jnp.ones((T,), bool)])
-    new_state = OmegaState(
-        memory=new_memory,
-        optimizer_state=new_opt,
+    return OmegaState(
+        memory=memory,
+        optimizer_state=optimizer_state,
         window_features=all_features[all_features.shape[0] - keep :],
         window_values=all_values[all_values.shape[0] - keep :],
         window_gates=(
@@ -456,7 +511,6 @@ def chunked_scan(
         ),
         window_mask=all_mask[all_mask.shape[0] - keep :],
     )
-    return y, new_state
 
 
 def _scan_chunks(body, carry, chunks: PyTree, remat: bool) -> tuple[Any, Any]:
