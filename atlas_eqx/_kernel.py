@@ -146,6 +146,10 @@ def _divide(y: Float[Array, "T d_v_aug"], normalize: bool) -> Float[Array, "T d_
     return y[:, :-1] / y[:, -1:] if normalize else y
 
 
+def _finite(name: str, x: Float[Array, "*shape"], arg: str) -> Float[Array, "*shape"]:
+    return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name}: `{arg}` contains NaN or inf")
+
+
 def _prepare(name: str, q, k, v, lr, decay, scale: float | None):
     T, d_k = q.shape
     if k.shape != (T, d_k):
@@ -157,7 +161,9 @@ def _prepare(name: str, q, k, v, lr, decay, scale: float | None):
     dtype = jnp.result_type(q, k, v)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.zeros(()).dtype
-    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    q, k, v = (
+        _finite(name, jnp.asarray(x, dtype), arg) for x, arg in ((q, "q"), (k, "k"), (v, "v"))
+    )
     lr = _gates(name, lr, T, dtype, "lr")
     decay = _gates(name, decay, T, dtype, "decay")
     scale = 1.0 / math.sqrt(d_k) if scale is None else float(scale)
