@@ -206,8 +206,9 @@ def omega_reference(feature_map, q, k, v, lr, decay, *, rule, c=1, normalize=Fal
 # --------------------------------------------------------------------------------------------
 
 
-@given(seed=SEEDS, T=st.sampled_from([5, 7]), d=st.sampled_from([4, 8]))
-def test_i28_hebbian_normalized_is_causal_softmax_attention(seed, T, d):
+@given(seed=SEEDS, d=st.sampled_from([4, 8]))
+def test_i28_hebbian_normalized_is_causal_softmax_attention(seed, d):
+    T = 7
     q, k, v = draw_qkv(seed, T, d, d)
     q, k = 2.0 * q, 2.0 * k  # logits of order 1-10, so the softmax is far from uniform
     y = scan(q, k, v, normalize=True)
@@ -224,8 +225,9 @@ def test_i28_unnormalized_is_the_exp_sum(seed, T, d):
     close(scan(q, k, v), expected)
 
 
-@given(seed=SEEDS, T=st.sampled_from([5, 7]), window=st.sampled_from([1, 2, 3]))
-def test_i29_window_is_sliding_window_softmax(seed, T, window):
+@given(seed=SEEDS, window=st.sampled_from([1, 2, 3]))
+def test_i29_window_is_sliding_window_softmax(seed, window):
+    T = 7
     q, k, v = draw_qkv(seed, T, 4, 4)
     q, k = 2.0 * q, 2.0 * k
     y = scan(q, k, v, normalize=True, window=window)
