@@ -1,0 +1,277 @@
+"""The outer training loop: AdamW with warmup + cosine decay, gradient clipping, a jit-compiled
+step, periodic evaluation, a progress bar, JSONL metrics and checkpoints that resume exactly.
+
+Data is a pure function of the step number (`batch_fn(step) -> (inputs, targets)`), so a run
+resumed from a checkpoint at step `s` sees the same batches as an uninterrupted one, and its
+parameters match bit for bit.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PyTree, Scalar
+from tqdm.auto import tqdm
+
+
+IGNORE_INDEX = -100
+
+Batch = tuple[Int[np.ndarray | Array, "B T"], Int[np.ndarray | Array, "B T"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay to `final_lr_fraction * lr`, and global-norm
+    clipping (the recipe of ATLAS App. E: AdamW, cosine annealing, weight decay 0.1)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    final_lr_fraction: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"OptimConfig: `lr` must be > 0; got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"OptimConfig: `weight_decay` must be >= 0; got {self.weight_decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"OptimConfig: `warmup_steps` must be >= 0; got {self.warmup_steps!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(
+                "OptimConfig: `final_lr_fraction` must lie in [0, 1]; got "
+                f"{self.final_lr_fraction!r}"
+            )
+        if not self.clip_norm > 0:
+            raise ValueError(f"OptimConfig: `clip_norm` must be > 0; got {self.clip_norm!r}")
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """`clip_by_global_norm` then AdamW on `warmup_cosine_decay_schedule`; weight decay only on
+    matrices (2-D and larger leaves), not on norms' scales or other vectors."""
+    if total_steps < 1:
+        raise ValueError(f"make_optimizer: `total_steps` must be >= 1; got {total_steps}")
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=config.lr * config.final_lr_fraction,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            weight_decay=config.weight_decay,
+            mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+        ),
+    )
+
+
+def masked_cross_entropy(
+    logits: Float[Array, "*batch T V"], targets: Int[Array, "*batch T"]
+) -> tuple[Scalar, Scalar, Scalar]:
+    """Sum of next-token cross-entropies, number of scored positions and number of correct
+    argmax predictions, over positions whose target is not `IGNORE_INDEX` (-100)."""
+    scored = targets != IGNORE_INDEX
+    safe_targets = jnp.where(scored, targets, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets) & scored
+    return (
+        jnp.sum(jnp.where(scored, losses, 0.0)),
+        jnp.sum(scored),
+        jnp.sum(correct),
+    )
+
+
+def batch_loss(model: Callable, inputs: Int[Array, "B T"], targets: Int[Array, "B T"]):
+    """Mean cross-entropy over the scored positions of a batch, and (count, correct)."""
+    logits = jax.vmap(model)(inputs)
+    total, count, correct = masked_cross_entropy(logits, targets)
+    return total / jnp.maximum(count, 1), (count, correct)
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(optim: OptimConfig, total_steps: int):
+    """One jit-compiled step for `make_optimizer(optim, total_steps)`: gradients of
+    `batch_loss`, the optax update, and metrics. Cached, so that runs with the same
+    optimizer (a resumed run, a sweep over seeds) reuse the compiled step."""
+    optimizer = make_optimizer(optim, total_steps)
+
+    @eqx.filter_jit
+    def step(model, opt_state, inputs, targets):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss_of(params):
+            return batch_loss(eqx.combine(params, static), inputs, targets)
+
+        (loss, (count, correct)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(
+            loss=loss,
+            accuracy=correct / jnp.maximum(count, 1),
+            grad_norm=optax.tree.norm(grads),
+        )
+        return eqx.combine(params, static), opt_state, metrics
+
+    return step
+
+
+@eqx.filter_jit
+def _eval_batch(model, inputs, targets):
+    logits = jax.vmap(model)(inputs)
+    return masked_cross_entropy(logits, targets)
+
+
+def evaluate(model: Callable, batches: Iterator[Batch] | list[Batch]) -> dict[str, float]:
+    """Mean cross-entropy (nats per scored token), bits per scored token and accuracy."""
+    total = count = correct = 0.0
+    for inputs, targets in batches:
+        t, n, c = _eval_batch(model, jnp.asarray(inputs), jnp.asarray(targets))
+        total, count, correct = total + float(t), count + float(n), correct + float(c)
+    if count == 0:
+        raise ValueError("evaluate: the batches contain no scored position (all targets -100)")
+    return dict(
+        loss=total / count, bits_per_token=total / count / np.log(2), accuracy=correct / count
+    )
+
+
+def save_checkpoint(path: pathlib.Path | str, model: PyTree, opt_state: PyTree, step: int) -> None:
+    """Write the model and optimizer state (equinox serialisation) and the step, atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(json.dumps({"step": step}).encode() + b"\n")
+        eqx.tree_serialise_leaves(file, (model, opt_state))
+    temporary.replace(path)
+
+
+def load_checkpoint(
+    path: pathlib.Path | str, model_like: PyTree, opt_state_like: PyTree
+) -> tuple[PyTree, PyTree, int]:
+    """Read a checkpoint written by `save_checkpoint` into the structure of the `*_like` trees."""
+    with open(path, "rb") as file:
+        header = json.loads(file.readline())
+        model, opt_state = eqx.tree_deserialise_leaves(file, (model_like, opt_state_like))
+    return model, opt_state, int(header["step"])
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Any
+    opt_state: Any
+    history: list[dict[str, float]]
+    evaluations: list[dict[str, float]]
+    tokens_per_second: float
+
+
+def train(
+    model: PyTree,
+    batch_fn: Callable[[int], Batch],
+    *,
+    steps: int,
+    optim: OptimConfig = OptimConfig(),
+    eval_fn: Callable[[PyTree], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    log_path: pathlib.Path | str | None = None,
+    checkpoint_path: pathlib.Path | str | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    description: str = "train",
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` for `steps` optimizer steps on `batch_fn(step)`.
+
+    - `eval_fn(model) -> metrics` runs every `eval_every` steps (0: only at the end) and at the
+      end; its metrics go to the log with the key `"eval"`.
+    - `log_path`: one JSON object per line, per step (loss, accuracy, grad norm, lr step,
+      tokens/s) and per evaluation.
+    - `checkpoint_path`: written every `checkpoint_every` steps and at the end; with
+      `resume=True` an existing checkpoint is loaded and training continues from its step.
+    - `stop_after`: stop (after checkpointing) once this many steps are done in total, as if
+      interrupted; used to test that resuming gives the same result.
+    """
+    if steps < 1:
+        raise ValueError(f"train: `steps` must be >= 1; got {steps}")
+    optimizer = make_optimizer(optim, steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    start = 0
+    if checkpoint_path is not None and resume and pathlib.Path(checkpoint_path).exists():
+        model, opt_state, start = load_checkpoint(checkpoint_path, model, opt_state)
+    step_fn = make_train_step(optim, steps)
+    log = open(log_path, "a") if log_path is not None else None
+    history: list[dict[str, float]] = []
+    evaluations: list[dict[str, float]] = []
+    end = steps if stop_after is None else min(steps, stop_after)
+    tokens = 0
+    elapsed = 0.0
+
+    def write(record: dict[str, Any]) -> None:
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def run_eval(step: int) -> None:
+        if eval_fn is None:
+            return
+        metrics = eval_fn(model)
+        evaluations.append(dict(step=step, **metrics))
+        write(dict(step=step, eval=metrics))
+
+    bar = tqdm(
+        range(start, end), desc=description, disable=not progress, leave=False, dynamic_ncols=True
+    )
+    try:
+        for step in bar:
+            inputs, targets = batch_fn(step)
+            inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+            begin = time.perf_counter()
+            model, opt_state, metrics = step_fn(model, opt_state, inputs, targets)
+            metrics = {name: float(value) for name, value in metrics.items()}
+            seconds = time.perf_counter() - begin
+            if step > start:  # the first step of a run includes compilation
+                tokens += inputs.size
+                elapsed += seconds
+            record = dict(step=step + 1, **metrics, tokens_per_s=inputs.size / seconds)
+            history.append(record)
+            write(record)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}"
+            )
+            done = step + 1
+            if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0:
+                save_checkpoint(checkpoint_path, model, opt_state, done)
+            if eval_every and done % eval_every == 0 and done < steps:
+                run_eval(done)
+        if checkpoint_path is not None and end > start:
+            save_checkpoint(checkpoint_path, model, opt_state, end)
+        if end == steps:
+            run_eval(steps)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(
+        model=model,
+        opt_state=opt_state,
+        history=history,
+        evaluations=evaluations,
+        tokens_per_second=tokens / elapsed if elapsed > 0 else float("nan"),
+    )
