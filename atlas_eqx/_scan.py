@@ -14,6 +14,7 @@ import optimizers as iopt
 from ._chunked import chunked_scan
 from ._memory import AbstractMemory
 from ._objective import l2
+from ._pallas import check_supported as check_pallas_supported, pallas_scan, resolve_backend
 from ._sequential import sequential_scan
 from ._state import init_omega_state, OmegaState
 
@@ -69,7 +70,10 @@ def omega_scan(
     - `optimizer`: the inner learner (`optimizers.gd()`, `momentum()`, `muon()`, ...).
     - `window`: $c \geq 1$. `chunk_size`: $b \geq 1$; within a chunk every gradient is taken at
       the chunk-start weights, and window tokens from the previous chunk are re-evaluated there.
-    - `method`: `"sequential"` (the oracle), `"chunked"` or `"pallas"`.
+    - `method`: `"sequential"` (the oracle), `"chunked"` or `"pallas"` (the chunk loop as a
+      Pallas kernel for `LinearMemory` and `MLPMemory` with GD, momentum or Muon; interpret
+      mode on CPU, Triton on GPU, Mosaic on TPU; gradients through the chunked path; see
+      `atlas_eqx._pallas`).
     - `state`: an `OmegaState` returned by a previous call; splitting a sequence at a chunk
       boundary into two calls equals one call.
     - `decay_first`: take gradients at $(\prod_{j=s+1}^{t}\alpha_j)W_s$ instead of $W_s$
@@ -90,10 +94,6 @@ def omega_scan(
         )
     if method not in _METHODS:
         raise ValueError(f"omega_scan: `method` must be one of {_METHODS}; got {method!r}")
-    if method == "pallas":
-        raise NotImplementedError(
-            "omega_scan: method='pallas' is not implemented yet; use 'sequential' or 'chunked'"
-        )
     d_features = feature_map.out_dim(d_k)
     if d_features != memory.d_in:
         raise ValueError(
@@ -129,6 +129,14 @@ def omega_scan(
             f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "
             f"it runs only with method='sequential', not method={method!r}"
         )
+    if method == "pallas":
+        check_pallas_supported(
+            memory if state is None else state.memory,
+            optimizer,
+            objective,
+            decay_first=decay_first,
+            backend=resolve_backend(),
+        )
     if state is None:
         state = init_omega_state(memory, optimizer, window)
     elif state.window_features.shape != (window - 1, memory.d_in):
@@ -160,10 +168,13 @@ def omega_scan(
     )
     if method == "sequential":
         return sequential_scan(*arrays, **options)
+    if method == "pallas":
+        return _pallas_scan_jit(*arrays, **options)
     return _chunked_scan_jit(*arrays, **options, muon_per_chunk=muon_per_chunk)
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)
+_pallas_scan_jit = eqx.filter_jit(pallas_scan)
 
 
 def _check_finite(x: Array, name: str) -> Array:
