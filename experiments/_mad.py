@@ -89,19 +89,22 @@ def in_context_recall(
         x: list[int] = []
         y: list[int] = []
         keep = int(rng.integers(slots))
+        noisy = (rng.random(slots) < frac_noise).tolist()
+        noisy[keep] = False
+        keys = rng.integers(0, key_vocab.shape[0], size=slots).tolist()
+        values = (rng.integers(0, value_vocab.shape[0], size=slots) + value_vocab[0]).tolist()
+        noise = (rng.integers(0, max(noise_vocab.shape[0], 1), size=(slots, 2)) + special).tolist()
         for slot in range(slots):
-            if frac_noise > 0 and slot != keep and rng.random() < frac_noise:
-                x += [int(t) for t in rng.choice(noise_vocab, size=2)]
+            if noisy[slot]:
+                x += noise[slot]
                 y += [IGNORE_INDEX, IGNORE_INDEX]
                 continue
-            key = int(rng.choice(key_vocab))
-            if key not in kv_map:
-                kv_map[key] = int(rng.choice(value_vocab))
-            value = kv_map[key]
+            key = keys[slot]
+            value = kv_map.setdefault(key, values[slot])
             x += [key, value]
             y += [IGNORE_INDEX, value if (multi_query and key in presented) else IGNORE_INDEX]
             presented.add(key)
-        probe = int(rng.choice(sorted(presented)))
+        probe = sorted(presented)[int(rng.integers(len(presented)))]
         if not multi_query:
             x.append(vocab_size - 1)
             y.append(IGNORE_INDEX)

@@ -8,13 +8,34 @@ from ._tasks import check_positive, IGNORE_INDEX, TokenTask
 def _weighted_sample_without_replacement(
     rng: np.random.Generator, probabilities: np.ndarray, rows: int, size: int
 ) -> np.ndarray:
-    """Per row, `size` distinct indices drawn successively with `probabilities` (Gumbel top-k).
+    """Per row, the set of `size` distinct indices drawn successively with `probabilities`.
 
     Successive weighted sampling without replacement (what `numpy.random.choice(p=...,
-    replace=False)` does) has the same law as the top-`size` indices of `log p + Gumbel`.
+    replace=False)` does) has the same law as the top-`size` indices of `log p + Gumbel`
+    (Gumbel top-k). The order within a row is arbitrary: MQAR only uses the set of gaps (the
+    keys assigned to them are already in uniformly random order).
     """
     scores = np.log(probabilities)[None, :] + rng.gumbel(size=(rows, probabilities.shape[0]))
-    return np.argsort(-scores, axis=1, kind="stable")[:, :size]
+    if size == probabilities.shape[0]:
+        return np.argsort(-scores, axis=1)
+    return np.argpartition(-scores, size - 1, axis=1)[:, :size]  # the set is what matters
+
+
+def _distinct_rows(rng: np.random.Generator, high: int, rows: int, size: int) -> np.ndarray:
+    """Per row, `size` distinct integers uniform in `[0, high)` (law of `choice(replace=False)`).
+
+    Whole rows with a repeat are redrawn (uniform over distinct tuples); when repeats would be
+    common, a random permutation per row is cut instead.
+    """
+    if size * size > high:
+        return np.argsort(rng.random((rows, high)), axis=1)[:, :size]
+    out = rng.integers(0, high, size=(rows, size))
+    while True:
+        ordered = np.sort(out, axis=1)
+        bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if bad.size == 0:
+            return out
+        out[bad] = rng.integers(0, high, size=(bad.size, size))
 
 
 def multiquery_ar(
@@ -74,15 +95,8 @@ def multiquery_ar(
     if not power_a > 0:
         raise ValueError(f"power_a must be > 0, got {power_a}")
     rng = np.random.default_rng(seed)
-    keys = np.stack(
-        [rng.choice(half - 1, num_kv_pairs, replace=False) + 1 for _ in range(num_examples)]
-    )
-    values = np.stack(
-        [
-            rng.choice(vocab_size - half, num_kv_pairs, replace=False) + half
-            for _ in range(num_examples)
-        ]
-    )
+    keys = _distinct_rows(rng, half - 1, num_examples, num_kv_pairs) + 1
+    values = _distinct_rows(rng, vocab_size - half, num_examples, num_kv_pairs) + half
     pairs = np.empty((num_examples, 2 * num_kv_pairs), dtype=np.int64)
     pairs[:, 0::2], pairs[:, 1::2] = keys, values
     space = (seq_len - context) // 2
