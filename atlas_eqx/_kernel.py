@@ -38,20 +38,25 @@ _RULES = ("hebbian", "delta")
 class KernelMemoryState(eqx.Module):
     r"""The streaming state of a kernel memory: a fixed-capacity cache of the tokens written so far.
 
-    Slot $j$ holds token $j$ of the stream ($j <$ `count`); the memory is
-    $W = \sum_{j<\mathrm{count}}$ `coefficients[j]` $\phi^*(\text{keys}[j])^\top$.
+    Token $n$ of the stream lives in slot $n \bmod \text{capacity}$; the memory is
+    $W = \sum_{\text{slots}}$ `coefficients` $\phi^*(\text{keys})^\top$ over the filled slots.
+    Without a window every token is kept (capacity `max_length`); with a sliding window $w$ it
+    is a ring buffer of $w$ slots, constant memory in the stream length (a token older than
+    $w$ is never read again).
 
     - `keys`: $k_j$, `(capacity, d_k)`.
     - `values`: $v_j$ (augmented with a trailing 1 when `normalize=True`), `(capacity, d_v')`;
       needed by the window terms of later steps.
     - `coefficients`: $\beta_j$, `(capacity, d_v')`; retention $\alpha_t$ is applied to them in
       place, so no per-token decay products are stored.
+    - `positions`: the stream position of each slot's token, `-1` for an empty slot.
     - `count`: the number of tokens written so far (an integer scalar).
     """
 
     keys: Float[Array, "capacity d_k"]
     values: Float[Array, "capacity d_v_aug"]
     coefficients: Float[Array, "capacity d_v_aug"]
+    positions: Int[Array, " capacity"]
     count: Int[Array, ""]
 
 
@@ -61,28 +66,36 @@ def init_kernel_memory_state(
     d_v: int,
     *,
     normalize: bool = False,
+    window: int | None = None,
     dtype: jnp.dtype | type | None = None,
 ) -> KernelMemoryState:
-    """The empty state ($W_0 = 0$) of a kernel memory that can hold `max_length` tokens.
+    """The empty state ($W_0 = 0$) of a kernel memory stream.
 
     **Arguments:**
 
-    - `max_length`: the capacity, the total number of tokens a stream may write.
+    - `max_length`: the total number of tokens a stream may write (the capacity without a
+      window).
     - `d_k`, `d_v`: key and value dimensions.
     - `normalize`: must match the `normalize` of `kernel_memory_stream` (it adds a value column).
+    - `window`: the sliding window $w$ of `kernel_memory_stream`, or `None`. With a window the
+      state is a ring buffer of $w$ slots and streams of any length fit.
     - `dtype`: the floating dtype; defaults to JAX's default float.
     """
-    for name, n in (("max_length", max_length), ("d_k", d_k), ("d_v", d_v)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    for name, n in (("max_length", max_length), ("d_k", d_k), ("d_v", d_v), ("window", window)):
+        if (n is not None or name != "window") and (
+            not isinstance(n, int) or isinstance(n, bool) or n < 1
+        ):
             raise ValueError(
                 f"init_kernel_memory_state: `{name}` must be an integer >= 1; got {n!r}"
             )
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
     d_aug = d_v + 1 if normalize else d_v
+    capacity = max_length if window is None else window
     return KernelMemoryState(
-        keys=jnp.zeros((max_length, d_k), dtype),
-        values=jnp.zeros((max_length, d_aug), dtype),
-        coefficients=jnp.zeros((max_length, d_aug), dtype),
+        keys=jnp.zeros((capacity, d_k), dtype),
+        values=jnp.zeros((capacity, d_aug), dtype),
+        coefficients=jnp.zeros((capacity, d_aug), dtype),
+        positions=jnp.full((capacity,), -1, jnp.int32),
         count=jnp.zeros((), jnp.int32),
     )
 
@@ -323,8 +336,9 @@ def kernel_memory_stream(
     with the same options. Each token costs $\mathcal O(\text{capacity}\cdot(d_k + c\,d_v))$.
 
     **Arguments:** as `kernel_memory_scan`, plus `state` (a `KernelMemoryState`, from
-    `init_kernel_memory_state` with the same `normalize`, or from a previous call). Writing
-    past the state's capacity is an error.
+    `init_kernel_memory_state` with the same `normalize` and `window`, or from a previous
+    call). A state with at least `window` slots is a ring buffer and the stream may run on
+    indefinitely; otherwise writing past its capacity is an error.
 
     **Returns:** `(y, state)` with `y` of shape `(T, d_v)`.
     """
@@ -342,40 +356,53 @@ def kernel_memory_stream(
         )
     dtype = state.coefficients.dtype
     q, k, v, lr, decay = (x.astype(dtype) for x in (q, k, v, lr, decay))
-    count = eqx.error_if(
-        state.count,
-        state.count + T > capacity,
-        f"{name}: writing past the state's capacity (init_kernel_memory_state max_length)",
-    )
+    if window is None or capacity < window:
+        # Not a ring buffer: every token must fit (a ring of >= w slots evicts only tokens
+        # that are outside the window).
+        count = eqx.error_if(
+            state.count,
+            state.count + T > capacity,
+            f"{name}: writing past the state's capacity (init_kernel_memory_state max_length; "
+            "with a window, init_kernel_memory_state(..., window=w) gives a ring buffer)",
+        )
+    else:
+        count = state.count
     values = _augment(v, normalize)
-    slots = jnp.arange(capacity)
     offsets = jnp.arange(omega_window)
 
     def step(carry, inputs):
-        keys, stored_values, beta = carry
+        keys, stored_values, beta, positions = carry
         t, q_t, k_t, v_t, eta, alpha = inputs
-        keys = keys.at[t].set(k_t)
-        stored_values = stored_values.at[t].set(v_t)
-        written = slots <= t
+        slot = t % capacity  # the evicted token (if any) is older than the window
+        keys = keys.at[slot].set(k_t)
+        stored_values = stored_values.at[slot].set(v_t)
+        beta = beta.at[slot].set(0.0)
+        positions = positions.at[slot].set(t)
         window_idx = t - offsets
-        in_window = (window_idx >= 0).astype(dtype)[:, None]
-        window_idx = jnp.maximum(window_idx, 0)
+        window_slots = window_idx % capacity
+        in_window = (window_idx >= 0) & (positions[window_slots] == window_idx)
         if rule == "hebbian":
-            residual = stored_values[window_idx]
+            residual = stored_values[window_slots]
         else:
-            earlier = jnp.broadcast_to((slots < t)[:, None], (capacity, omega_window))
-            gram = _masked_kernel(kernel, sigma * (keys @ keys[window_idx].T), earlier)
-            residual = stored_values[window_idx] - gram.T @ beta
-        beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_idx].add(residual * in_window)
-        visible = written if window is None else written & (t - slots < window)
+            earlier = (positions >= 0) & (positions < t)
+            earlier = jnp.broadcast_to(earlier[:, None], (capacity, omega_window))
+            gram = _masked_kernel(kernel, sigma * (keys @ keys[window_slots].T), earlier)
+            residual = stored_values[window_slots] - gram.T @ beta
+        residual = jnp.where(in_window[:, None], residual, 0.0)
+        beta = alpha * beta + eta * jnp.zeros_like(beta).at[window_slots].add(residual)
+        visible = positions >= 0
+        if window is not None:
+            visible = visible & (t - positions < window)
         scores = sigma * (keys @ q_t)
         if kernel == "exp" and normalize and rule == "hebbian":
             scores = scores - jax.lax.stop_gradient(jnp.max(jnp.where(visible, scores, -jnp.inf)))
         weights = _masked_kernel(kernel, scores, visible)
-        return (keys, stored_values, beta), weights @ beta
+        return (keys, stored_values, beta, positions), weights @ beta
 
-    positions = count + jnp.arange(T)
-    carry = (state.keys, state.values, state.coefficients)
-    (keys, stored_values, beta), y = jax.lax.scan(step, carry, (positions, q, k, values, lr, decay))
-    new_state = KernelMemoryState(keys, stored_values, beta, count + T)
+    steps = count + jnp.arange(T, dtype=jnp.int32)
+    carry = (state.keys, state.values, state.coefficients, state.positions)
+    (keys, stored_values, beta, positions), y = jax.lax.scan(
+        step, carry, (steps, q, k, values, lr, decay)
+    )
+    new_state = KernelMemoryState(keys, stored_values, beta, positions, count + T)
     return _divide(y, normalize), new_state

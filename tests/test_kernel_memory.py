@@ -395,7 +395,7 @@ def test_i32_truncation_error_obeys_the_i27_bound_and_decreases(seed):
 
 STREAM_CONFIGS = [
     dict(rule="hebbian", normalize=True),
-    dict(rule="hebbian", omega_window=2, window=3),
+    dict(rule="hebbian", omega_window=3, window=2),  # c > w: some writes hit evicted tokens
     dict(rule="delta"),
     dict(rule="delta", omega_window=3, normalize=True),
 ]
@@ -410,7 +410,9 @@ def test_streaming_pieces_equal_one_call(config, seed, pieces):
     q, k, v, lr, decay = draw(seed, T, d_k, d_v, unit=True)
     lr = lr + 0.1
     whole = scan(q, k, v, lr, decay, **config)
-    state = ae.init_kernel_memory_state(9, d_k, d_v, normalize=config.get("normalize", False))
+    normalize, window = config.get("normalize", False), config.get("window")
+    state = ae.init_kernel_memory_state(9, d_k, d_v, normalize=normalize, window=window)
+    assert state.keys.shape[0] == (9 if window is None else window)  # a ring wraps at T = 7
     outputs, start = [], 0
     for n in pieces:
         s = slice(start, start + n)
@@ -556,6 +558,8 @@ def test_stream_state_errors():
         ae.kernel_memory_stream(q, k, v, lr, decay, state, normalize=True)
     with pytest.raises(ValueError, match="`max_length`"):
         ae.init_kernel_memory_state(0, 3, 3)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="capacity"):  # 4 slots < window: no ring
+        jax.block_until_ready(stream(q, k, v, lr, decay, state, window=5))
 
 
 @pytest.mark.parametrize("rule", ["hebbian", "delta"])
