@@ -7,6 +7,7 @@ from ._capacity import (
     capacity_recall as capacity_recall,
     CapacityProbe as CapacityProbe,
     CapacityScore as CapacityScore,
+    interference_probe as interference_probe,
 )
 from ._corpus import (
     excerpt_documents as excerpt_documents,

@@ -27,7 +27,10 @@ class CapacityProbe(NamedTuple):
       reading does not change the memory.
     - `read_positions`: `(N,)`, the positions of the reads (`y[read_positions]` are the
       recalled values, read after all writes).
-    - `keys`: `(N, d_k)`, `values`: `(N, d_v)`: the stored pairs.
+    - `keys`: `(N, d_k)`, `values`: `(N, d_v)`: the stored pairs (for `interference_probe`,
+      the latest value of each key).
+    - `distractors`: `(M, d_v)`, values that must *not* be recalled (the overwritten values
+      of `interference_probe`; empty for `capacity_probe`). They compete in `capacity_recall`.
     """
 
     q: Float[np.ndarray, "T d_k"]
@@ -37,6 +40,7 @@ class CapacityProbe(NamedTuple):
     read_positions: Int[np.ndarray, " N"]
     keys: Float[np.ndarray, "N d_k"]
     values: Float[np.ndarray, "N d_v"]
+    distractors: Float[np.ndarray, "M d_v"]
 
 
 def capacity_probe(
@@ -73,6 +77,13 @@ def capacity_probe(
     else:
         value_array = np.eye(value_dim)[rng.integers(0, value_dim, size=num_pairs)]
     key_array, value_array = key_array.astype(dtype), value_array.astype(dtype)
+    return _write_then_read(key_array, value_array, passes, dtype)
+
+
+def _write_then_read(
+    key_array: np.ndarray, value_array: np.ndarray, passes: int, dtype: type
+) -> CapacityProbe:
+    num_pairs = key_array.shape[0]
     stream_k = np.concatenate([np.tile(key_array, (passes, 1)), key_array])
     stream_v = np.concatenate([np.tile(value_array, (passes, 1)), value_array])
     write_mask = np.concatenate([np.ones(passes * num_pairs), np.zeros(num_pairs)]).astype(dtype)
@@ -84,6 +95,55 @@ def capacity_probe(
         read_positions=passes * num_pairs + np.arange(num_pairs),
         keys=key_array,
         values=value_array,
+        distractors=np.zeros((0, value_array.shape[1]), dtype=dtype),
+    )
+
+
+def interference_probe(
+    num_keys: int,
+    num_versions: int,
+    key_dim: int,
+    value_dim: int,
+    *,
+    seed: int,
+    keys: KeyKind = "unit",
+    dtype: type = np.float32,
+) -> CapacityProbe:
+    r"""Overwrite test (spec 2.5, "interference / recency"): every key is written
+    `num_versions` times, each time with a fresh Gaussian value, in a new random key order per
+    round; then every key is read once. Recall counts only the *latest* value: the overwritten
+    ones are `distractors`, so a memory that averages versions (Hebbian) scores low while a
+    delta-rule memory can overwrite.
+
+    `T = num_versions * N + N`; the layout is that of `CapacityProbe` with `passes = 1` and
+    the writes of round `r` at positions `[r N, (r + 1) N)`.
+    """
+    check_positive(
+        num_keys=num_keys, num_versions=num_versions, key_dim=key_dim, value_dim=value_dim
+    )
+    if keys not in ("gaussian", "unit"):
+        raise ValueError(f"keys must be 'gaussian' or 'unit', got {keys!r}")
+    rng = np.random.default_rng(seed)
+    key_array = rng.standard_normal((num_keys, key_dim)) / np.sqrt(key_dim)
+    if keys == "unit":
+        key_array /= np.linalg.norm(key_array, axis=1, keepdims=True)
+    versions = rng.standard_normal((num_versions, num_keys, value_dim))
+    orders = np.stack([rng.permutation(num_keys) for _ in range(num_versions)])
+    write_k = np.concatenate([key_array[order] for order in orders])
+    write_v = np.concatenate([versions[r, order] for r, order in enumerate(orders)])
+    latest = versions[-1]
+    stream_k = np.concatenate([write_k, key_array]).astype(dtype)
+    stream_v = np.concatenate([write_v, latest]).astype(dtype)
+    writes = num_versions * num_keys
+    return CapacityProbe(
+        q=stream_k.copy(),
+        k=stream_k,
+        v=stream_v,
+        write_mask=np.concatenate([np.ones(writes), np.zeros(num_keys)]).astype(dtype),
+        read_positions=writes + np.arange(num_keys),
+        keys=key_array.astype(dtype),
+        values=latest.astype(dtype),
+        distractors=versions[:-1].reshape(-1, value_dim).astype(dtype),
     )
 
 
@@ -109,8 +169,9 @@ def capacity_recall(
     r"""Score the memory outputs `y` of a probe (all `T` outputs, or the `N` reads).
 
     Pair `i` is recalled when the stored value nearest to $\hat v_i$ by cosine similarity,
-    among all `N` stored values, equals $v_i$ (compared as vectors, so shared one-hot values
-    count as recalled). Relative MSE $= \sum_i \|\hat v_i - v_i\|^2 / \sum_i \|v_i\|^2$.
+    among all `N` stored values and the probe's `distractors`, equals $v_i$ (compared as
+    vectors, so shared one-hot values count as recalled).
+    Relative MSE $= \sum_i \|\hat v_i - v_i\|^2 / \sum_i \|v_i\|^2$.
     """
     y = np.asarray(y, dtype=np.float64)
     stored = probe.values.astype(np.float64)
@@ -121,9 +182,10 @@ def capacity_recall(
             f"{stored.shape}, got {y.shape}"
         )
     recalled = y if y.shape[0] == n else y[probe.read_positions]
-    norms = np.linalg.norm(recalled, axis=1, keepdims=True) * np.linalg.norm(stored, axis=1)
-    cosine = (recalled @ stored.T) / np.maximum(norms, 1e-30)
-    nearest = stored[np.argmax(cosine, axis=1)]
+    candidates = np.concatenate([stored, probe.distractors.astype(np.float64)])
+    norms = np.linalg.norm(recalled, axis=1, keepdims=True) * np.linalg.norm(candidates, axis=1)
+    cosine = (recalled @ candidates.T) / np.maximum(norms, 1e-30)
+    nearest = candidates[np.argmax(cosine, axis=1)]
     correct = np.all(np.isclose(nearest, stored), axis=1)
     relative_mse = float(((recalled - stored) ** 2).sum() / (stored**2).sum())
     return CapacityScore(float(correct.mean()), relative_mse, correct)

@@ -693,3 +693,38 @@ def test_capacity_recall_counts_the_nearest_value_by_cosine():
     assert score.relative_mse == pytest.approx(expected)
     with pytest.raises(ValueError, match="y must be"):
         ex.capacity_recall(np.zeros((5, 2)), probe)
+
+
+@given(seed=seeds, shape=st.sampled_from([(4, 2), (16, 3)]))
+def test_interference_probe_scores_only_the_latest_value(seed, shape):
+    n, versions = shape
+    probe = ex.interference_probe(n, versions, 8, 6, seed=seed)
+    writes = versions * n
+    assert probe.k.shape == (writes + n, 8) and probe.distractors.shape == ((versions - 1) * n, 6)
+    assert probe.write_mask.tolist() == [1.0] * writes + [0.0] * n
+    np.testing.assert_array_equal(probe.q[probe.read_positions], probe.keys)
+    # replay the writes: each round writes every key once; the last write of a key is its value
+    last: dict[bytes, np.ndarray] = {}
+    history: dict[bytes, list[np.ndarray]] = {}
+    for r in range(versions):
+        block = slice(r * n, (r + 1) * n)
+        assert {k.tobytes() for k in probe.k[block]} == {k.tobytes() for k in probe.keys}
+        for key, value in zip(probe.k[block], probe.v[block], strict=True):
+            last[key.tobytes()] = value
+            history.setdefault(key.tobytes(), []).append(value)
+    latest = np.stack([last[k.tobytes()] for k in probe.keys])
+    np.testing.assert_array_equal(latest, probe.values)
+    stale = np.concatenate([np.stack(history[k.tobytes()][:-1]) for k in probe.keys])
+    assert sorted(map(bytes, stale)) == sorted(map(bytes, probe.distractors))
+    assert ex.capacity_recall(latest, probe).accuracy == 1.0  # last write wins
+    first = np.stack([history[k.tobytes()][0] for k in probe.keys])
+    assert ex.capacity_recall(first, probe).accuracy == 0.0  # a stale value never counts
+
+
+def test_averaging_memory_fails_the_interference_probe():
+    probe = ex.interference_probe(64, 4, 16, 32, seed=0)
+    by_key = {k.tobytes(): [] for k in probe.keys}
+    for key, value in zip(probe.k[: 4 * 64], probe.v[: 4 * 64], strict=True):
+        by_key[key.tobytes()].append(value)
+    average = np.stack([np.mean(by_key[k.tobytes()], axis=0) for k in probe.keys])
+    assert ex.capacity_recall(average, probe).accuracy < 0.5  # about 1 in 4 by symmetry
