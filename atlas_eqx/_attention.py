@@ -126,8 +126,8 @@ class AttentionState(eqx.Module):
     - `count`: tokens streamed so far (the next token's position).
 
     Without a window there is one slot per position (`max_length` slots). With a window $w$ it
-    is a ring buffer of $w$ slots (position $n$ in slot $n \bmod w$), so memory is constant in
-    the stream length.
+    is a ring buffer of $\min(w, \text{max\_length})$ slots (position $n$ in slot
+    $n \bmod \text{slots}$), so memory is constant in the stream length.
     """
 
     keys: Float[Array, "slots heads head_dim"]
@@ -277,12 +277,13 @@ class AttentionLayer(AbstractMixer):
         return self._attend(q, q_rot, k_rot, v)
 
     def init_state(self, max_length: int) -> AttentionState:
-        """An empty KV cache: `max_length` slots, or a ring of `window` slots with a window."""
+        """An empty KV cache: `max_length` slots, or with a window a ring buffer of
+        `min(window, max_length)` slots (a ring of `window` slots holds streams of any length)."""
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(
                 f"AttentionLayer.init_state: `max_length` must be an integer >= 1; got {max_length!r}"
             )
-        slots = max_length if self.window is None else self.window
+        slots = max_length if self.window is None else min(self.window, max_length)
         dtype = self.wq.weight.dtype
         shape = (slots, self.n_heads, self.head_dim)
         return AttentionState(
@@ -301,7 +302,9 @@ class AttentionLayer(AbstractMixer):
         T = x.shape[0]
         slots = state.keys.shape[0]
         count = state.count
-        if self.window is None:
+        if self.window is None or slots < self.window:
+            # Not a ring buffer: every token must fit (a ring of >= w slots evicts only tokens
+            # that are outside the window).
             count = eqx.error_if(
                 count,
                 count + T > slots,

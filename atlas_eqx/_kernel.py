@@ -41,8 +41,8 @@ class KernelMemoryState(eqx.Module):
     Token $n$ of the stream lives in slot $n \bmod \text{capacity}$; the memory is
     $W = \sum_{\text{slots}}$ `coefficients` $\phi^*(\text{keys})^\top$ over the filled slots.
     Without a window every token is kept (capacity `max_length`); with a sliding window $w$ it
-    is a ring buffer of $w$ slots, constant memory in the stream length (a token older than
-    $w$ is never read again).
+    is a ring buffer of $\min(w, \text{max\_length})$ slots, constant memory in the stream
+    length (a token older than $w$ is never read again).
 
     - `keys`: $k_j$, `(capacity, d_k)`.
     - `values`: $v_j$ (augmented with a trailing 1 when `normalize=True`), `(capacity, d_v')`;
@@ -69,16 +69,16 @@ def init_kernel_memory_state(
     window: int | None = None,
     dtype: jnp.dtype | type | None = None,
 ) -> KernelMemoryState:
-    """The empty state ($W_0 = 0$) of a kernel memory stream.
+    r"""The empty state ($W_0 = 0$) of a kernel memory stream.
 
     **Arguments:**
 
-    - `max_length`: the total number of tokens a stream may write (the capacity without a
-      window).
+    - `max_length`: the total number of tokens a stream may write.
     - `d_k`, `d_v`: key and value dimensions.
     - `normalize`: must match the `normalize` of `kernel_memory_stream` (it adds a value column).
     - `window`: the sliding window $w$ of `kernel_memory_stream`, or `None`. With a window the
-      state is a ring buffer of $w$ slots and streams of any length fit.
+      state is a ring buffer of $\min(w, \text{max\_length})$ slots; when that is $w$,
+      streams of any length fit.
     - `dtype`: the floating dtype; defaults to JAX's default float.
     """
     for name, n in (("max_length", max_length), ("d_k", d_k), ("d_v", d_v), ("window", window)):
@@ -90,7 +90,7 @@ def init_kernel_memory_state(
             )
     dtype = jnp.zeros(()).dtype if dtype is None else jnp.dtype(dtype)
     d_aug = d_v + 1 if normalize else d_v
-    capacity = max_length if window is None else window
+    capacity = max_length if window is None else min(window, max_length)
     return KernelMemoryState(
         keys=jnp.zeros((capacity, d_k), dtype),
         values=jnp.zeros((capacity, d_aug), dtype),

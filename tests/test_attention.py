@@ -190,6 +190,8 @@ def test_ring_buffer_has_window_slots_and_keeps_the_last_tokens():
     assert sorted(np.asarray(state.positions).tolist()) == [8, 9, 10]
     full = make_layer().init_state(20)
     assert full.keys.shape == (20, HEADS, HEAD_DIM)
+    short = layer.init_state(2)  # fewer slots than the window: a plain cache of 2 tokens
+    assert short.keys.shape == (2, HEADS, HEAD_DIM)
 
 
 @pytest.mark.parametrize("window, n_persistent", STREAM_CONFIGS)
@@ -260,8 +262,9 @@ def test_bad_configuration_raises(kwargs, match):
         ae.AttentionLayer(**kwargs, key=jax.random.PRNGKey(0))
 
 
-def test_full_kv_cache_raises():
-    layer = make_layer()
+@pytest.mark.parametrize("window", [None, 6])
+def test_full_kv_cache_raises(window):
+    layer = make_layer(window)
     state = layer.init_state(4)
     with pytest.raises(eqx.EquinoxRuntimeError, match="KV cache is full"):
         jax.block_until_ready(stream(layer, jnp.asarray(inputs(0, 5)), state))
