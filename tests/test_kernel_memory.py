@@ -14,7 +14,7 @@ Every identity is checked in float64 against a reference that shares no code wit
   the 1/2 as the kernel rules).
 
 Queries and keys are l2-normalised where the delta rule runs on the exp kernel, so that
-$\\eta\\kappa(k, k) \\le e^{1/\\sqrt d} $ keeps the residual recursion bounded.
+$\\eta\\kappa(k, k) \\le e^{1/\\sqrt d}$ keeps the residual recursion bounded.
 """
 
 import functools
