@@ -240,7 +240,7 @@ def test_vmap_over_heads_under_jit_equals_a_loop():
         for h in range(H)
     ]
     batch = jax.tree.map(lambda *a: jnp.stack(a), *[x.arrays() for x in inputs])
-    kw = dict(optimizer=iopt.momentum(), window=2, chunk_size=4)
+    kw: dict[str, Any] = dict(optimizer=iopt.momentum(), window=2, chunk_size=4)
 
     def heads(method):
         def one(memory, q, k, v, lr, decay, momentum, gamma):
@@ -272,7 +272,7 @@ def test_vmap_of_grad_equals_a_loop():
         make_inputs(30 + h, T, d, d, window=2, gate_kind="token", with_momentum=True)
         for h in range(H)
     ]
-    kw = dict(optimizer=iopt.muon(), window=2, chunk_size=2, method="pallas")
+    kw: dict[str, Any] = dict(optimizer=iopt.muon(), window=2, chunk_size=2, method="pallas")
 
     def grad_one(memory, q, k, v):
         x = inputs[0]
@@ -388,7 +388,7 @@ def test_backend_choice():
 
 
 _MARKER = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
-_BACKEND = {"cuda": "triton", "tpu": "mosaic_tpu"}
+_BACKEND: dict[str, _pallas.Backend] = {"cuda": "triton", "tpu": "mosaic_tpu"}
 
 
 def _lowering_context(platform: str):
