@@ -67,12 +67,6 @@ def _config_fields() -> tuple[str, ...]:
 
 
 def _check_overrides(preset: str, overrides: dict[str, Any], valid: tuple[str, ...]) -> None:
-    for name in overrides:
-        if name in _POSITIONAL:
-            raise ValueError(
-                f"presets.{preset}: `{name}` is an argument of the preset itself; pass it as "
-                f"`{name}=` directly, not among the overrides"
-            )
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
@@ -578,6 +572,7 @@ def _hybrid_parts(
     memory_preset: str,
     overrides: dict[str, Any],
 ):
+    _check_overrides(name, overrides, _config_fields())
     memory_presets = ("atlas", "atlas_pp", "omeganet", "titans", "deltanet", "gated_deltanet")
     memory_presets += ("linear_attention", "dla", "swla", "deep_transformer", "swdt", "dot")
     if memory_preset not in memory_presets:
