@@ -13,6 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Real
 
 from ._mixer import AbstractMixer
@@ -273,12 +274,16 @@ class LanguageModel(eqx.Module):
             raise ValueError(
                 f"LanguageModel.{caller}: `tokens` must be integer token ids; got {tokens.dtype}"
             )
-        tokens = eqx.error_if(
-            tokens,
-            jnp.any((tokens < 0) | (tokens >= self.vocab_size)),
-            f"LanguageModel.{caller}: `tokens` must lie in [0, vocab_size={self.vocab_size})",
-        )
-        return self.embedding[tokens]
+        if not isinstance(tokens, Tracer):
+            outside = (tokens < 0) | (tokens >= self.vocab_size)
+            if bool(jnp.any(outside)):
+                raise ValueError(
+                    f"LanguageModel.{caller}: `tokens` must lie in [0, vocab_size="
+                    f"{self.vocab_size}); got {tokens[outside][:5].tolist()}"
+                )
+        # Under jit an out-of-range id embeds as NaN (no host callback, so the compiled
+        # function stays cacheable) and every logit it reaches is NaN.
+        return jnp.take(self.embedding, tokens, axis=0, mode="fill", fill_value=jnp.nan)
 
     def _logits(self, h: Float[Array, "T d_model"]) -> Float[Array, "T vocab"]:
         head = self.embedding if self.head is None else self.head

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from ._layer import MemoryLayer
 from ._model import LanguageModel, MixerFactory, preset_names
 
 
@@ -83,14 +84,37 @@ def _is_inexact_leaf(leaf: Any) -> bool:
     return hasattr(leaf, "shape") and dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
-def count_parameters(tree: PyTree) -> int:
-    """The number of trainable scalars: the total size of the floating-point array leaves.
-
-    Works on real arrays and on the `jax.ShapeDtypeStruct`s of `eqx.filter_eval_shape`. Every
-    inexact leaf counts, so learned initial memory states ($W_0$ per head) and persistent
-    tokens are parameters; integer leaves and static fields are not.
-    """
+def _size(tree: PyTree) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(tree) if _is_inexact_leaf(leaf))
+
+
+def _frozen_initial_memories(tree: PyTree) -> list[PyTree]:
+    """The $W_0$ of memory layers built with `learn_initial_memory=False` (held as arrays, but
+    behind `jax.lax.stop_gradient`: DeltaNet's fixed $W_0 = 0$, for instance)."""
+    layers = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, MemoryLayer))
+    return [
+        layer.memory
+        for layer in layers
+        if isinstance(layer, MemoryLayer)
+        and layer.memory is not None
+        and not layer.config.learn_initial_memory
+    ]
+
+
+def count_parameters(tree: PyTree, *, include_frozen: bool = False) -> int:
+    """The number of trained scalars: the total size of the floating-point array leaves.
+
+    Works on real arrays and on the `jax.ShapeDtypeStruct`s of `eqx.filter_eval_shape`.
+    Learned initial memory states ($W_0$ per head, `learn_initial_memory=True`, the default of
+    the deep-memory presets) and persistent tokens are parameters and count. A fixed $W_0$
+    (`learn_initial_memory=False`: DeltaNet, Gated DeltaNet, linear attention, SWLA) is a
+    constant, not a parameter, and counts only with `include_frozen=True`. Integer leaves
+    and static fields never count.
+    """
+    total = _size(tree)
+    if not include_frozen:
+        total -= sum(_size(memory) for memory in _frozen_initial_memories(tree))
+    return total
 
 
 def abstract_language_model(
