@@ -128,6 +128,11 @@ def perturbed(module: eqx.Module, seed: int, scale: float = 0.5) -> Any:
 # The pieces: RMSNorm, SwiGLU, the default width
 
 
+def test_every_preset_has_tiny_test_options() -> None:
+    """The per-preset tests (training step above all) cover exactly the presets that exist."""
+    assert sorted(PRESET_OPTIONS) == sorted(preset_names())
+
+
 @given(seed=SEEDS, eps=st.sampled_from([0.0, 1e-6, 0.1]))
 def test_rms_norm_closed_form(seed: int, eps: float) -> None:
     norm = perturbed(ae.RMSNorm(D_MODEL, eps=eps), seed)
@@ -202,8 +207,7 @@ ALL_PRESETS = tuple(PRESET_OPTIONS)
 
 
 def require_preset(name: str) -> None:
-    if name not in preset_names():
-        pytest.skip(f"preset {name!r} not in atlas_eqx.presets yet")
+    assert name in preset_names(), f"preset {name!r} is missing from atlas_eqx.presets"
 
 
 def preset_model(name: str, seed: int, **options: Any) -> ae.LanguageModel:
