@@ -46,7 +46,17 @@ def frozen_paths(layer) -> set[str]:
 def specs(default: list, slow: list) -> list:
     """`default` in every run, `slow` only with `-m slow`: every preset compiles anew (the
     scans' runtime checks are host callbacks, which the persistent compile cache skips)."""
-    return default + [pytest.param(*p, marks=pytest.mark.slow) for p in slow]
+
+    def spec_id(p) -> str:
+        name, *rest = p if isinstance(p, tuple) else (p,)
+        options = rest[0] if rest else {}
+        if "memory_preset" in options:
+            name += f"-{options['memory_preset']}-persistent{options.get('n_persistent', 0)}"
+        return name
+
+    return [
+        pytest.param(*(p if isinstance(p, tuple) else (p,)), id=spec_id(p)) for p in default
+    ] + [pytest.param(*p, marks=pytest.mark.slow, id=spec_id(p) + "-slow") for p in slow]
 
 
 def test_the_presets_are_the_papers_models():
@@ -278,3 +288,37 @@ def test_wrong_input_shape_is_a_clear_error():
     mag = ae.presets.mag(D_MODEL, N_HEADS, key=jax.random.PRNGKey(0), attention_window=4)
     with pytest.raises((ValueError, TypeError), match=named):
         mag(jnp.zeros((T, 8)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The hybrids' formulas.
+
+
+def test_mag_is_the_gated_combination_of_its_branches():
+    """MAG (Titans Eqs 26-28, digest A-17): o = W_o(RMSNorm_g1(SWA*(x~)) * sigmoid(RMSNorm_g2(
+    M(x~)))), x~ = [p; x]. The memory branch equals one call of the memory layer over the
+    concatenation [p; x] (chunk_size 1), restricted to the positions of x."""
+    mag = ae.presets.mag(
+        D_MODEL,
+        N_HEADS,
+        key=jax.random.PRNGKey(6),
+        chunk_size=1,
+        attention_window=3,
+        n_persistent=2,
+        memory_preset="deltanet",
+    )
+    assert mag.persistent is not None
+    x = np.random.default_rng(7).standard_normal((T, D_MODEL))
+    call = eqx.filter_jit(lambda m, x: m(x))
+    with_persistent = eqx.tree_at(
+        lambda a: a.persistent, mag.attention, mag.persistent, is_leaf=lambda n: n is None
+    )
+    y = np.asarray(call(with_persistent, x))
+    m = np.asarray(call(mag.memory, np.concatenate([np.asarray(mag.persistent), x])))[2:]
+
+    def rms(a, scale):
+        return a / np.sqrt(np.mean(a * a, -1, keepdims=True) + 1e-6) * np.asarray(scale)
+
+    gate = 1 / (1 + np.exp(-rms(m, mag.memory_scale)))
+    expected = (rms(y, mag.attention_scale) * gate) @ np.asarray(mag.out_proj).T
+    assert_close(call(mag, x), expected)
