@@ -206,7 +206,7 @@ class LanguageModel(eqx.Module):
         - `vocab_size`: $V$. `d_model`: $d$. `n_layers`: the number of blocks $L$.
         - `n_heads`: passed to the mixer factory.
         - `key`: a JAX PRNG key.
-        - `mixer`: a preset name of `atlas_eqx.presets` (`preset_names()` lists them) or any
+        - `mixer`: a preset name of `atlas_eqx.presets` (its `__all__` lists them) or any
           factory `(d_model, n_heads, *, key, **options) -> AbstractMixer`. Every block gets a
           mixer built by it with its own key.
         - `mixer_options`: keyword arguments for the factory (e.g. `chunk_size`, `window`).
