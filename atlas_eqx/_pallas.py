@@ -525,9 +525,10 @@ def _forward(
     out_shape = [jax.ShapeDtypeStruct((n_chunks, b_p, d_out_p), dtype)] + [
         jax.ShapeDtypeStruct(w.shape, dtype) for w in carried
     ]
-    y, *carried_out = pl.pallas_call(kernel, out_shape=out_shape, **_call_options(backend))(
-        *carried, *[x.astype(dtype) for x in data]
-    )
+    form = "dual" if ns_options is None else "muon"
+    name = f"omega_{form}_{'linear' if isinstance(memory, LinearMemory) else 'mlp'}"
+    call = pl.pallas_call(kernel, out_shape=out_shape, name=name, **_call_options(backend))
+    y, *carried_out = call(*carried, *[x.astype(dtype) for x in data])
     y = y[:, :b, :d_out].reshape(n_chunks * b, d_out)[:T]
     new_weights = [
         w[: s.shape[0], : s.shape[1]] for w, s in zip(carried_out[:n_layers], weights, strict=True)

@@ -32,7 +32,7 @@ from atlas_eqx._pallas import pallas_scan, resolve_backend
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 _N = settings().max_examples
-FORWARD = settings(max_examples=max(4, _N // 2))
+PER_CONFIG = settings(max_examples=max(1, _N // 8))
 OBJECTIVES: dict[str, Any] = {"l2": ae.l2, "dot": ae.dot, "huber": ae.huber(0.5)}
 
 
@@ -61,23 +61,31 @@ def assert_tree_close(actual: Any, desired: Any, *, rel: float = 1e-9) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@FORWARD
-@given(data=st.data())
-def test_forward_equals_chunked_and_sequential(data):
+# (memory, optimizer, T, d, chunk size b, window c, gate kind, objective, gates at 0 / 1): every
+# kernel meets every learner, and together they cover T in {5, 8}, d in {4, 8}, b in {1, 2, 4},
+# c in {1, 2, 3}, every gate kind and objective. Hypothesis draws the data (the seed).
+FORWARD_CONFIGS = [
+    ("linear", "gd", 5, 4, 1, 1, "none", "l2", False),
+    ("linear", "momentum", 8, 8, 2, 3, "step", "huber", True),
+    ("linear", "muon", 5, 8, 4, 2, "token", "l2", True),
+    ("linear", "muon_eta_inside", 8, 4, 2, 3, "token", "dot", False),
+    ("mlp", "gd", 8, 4, 4, 3, "token", "huber", True),
+    ("mlp", "momentum", 5, 8, 1, 2, "step", "l2", False),
+    ("mlp", "muon", 8, 8, 2, 2, "step", "l2", True),
+    ("mlp", "muon_eta_inside", 5, 4, 4, 1, "none", "dot", True),
+]
+
+
+@pytest.mark.parametrize("config", FORWARD_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@PER_CONFIG
+@given(seed=SEEDS)
+def test_forward_equals_chunked_and_sequential(config, seed):
     """y and every leaf of the final state (weights, momentum, window buffers), float64, for
-    linear and MLP memories, GD / momentum / Muon (eta outside and inside NS), windows 1-3,
-    chunk sizes 1, 2, 4 (T = 5 pads the last chunk; n_e = b + c - 1 pads to a power of 2),
-    per-token and per-step gates, gates at exactly 0 or 1, and three objectives."""
-    draw = data.draw
-    kind = draw(st.sampled_from(["linear", "mlp"]), label="memory")
-    opt = draw(st.sampled_from(sorted(OPTIMIZERS)), label="optimizer")
-    T = draw(st.sampled_from([5, 8]), label="T")
-    d = draw(st.sampled_from([4, 8]), label="d")
-    b = draw(st.sampled_from([1, 2, 4]), label="chunk_size")
-    window = draw(st.sampled_from([1, 2, 3]), label="window")
-    gate_kind = draw(st.sampled_from(["none", "token", "step"]), label="gates")
-    objective = draw(st.sampled_from(sorted(OBJECTIVES)), label="objective")
-    seed = draw(SEEDS, label="seed")
+    every kernel and learner (linear and MLP memories; GD, momentum, Muon with eta outside and
+    inside NS), windows 1-3 and chunk sizes 1, 2, 4 (T = 5 pads the last chunk; n_e = b + c - 1
+    pads to a power of 2), no / per-token / per-step gates, gates at exactly 0 or 1, and three
+    objectives."""
+    kind, opt, T, d, b, window, gate_kind, objective, edges = config
     memory = make_memory(kind, d, d, seed % 2**31)
     x = make_inputs(
         seed,
@@ -87,7 +95,7 @@ def test_forward_equals_chunked_and_sequential(data):
         window=window,
         gate_kind=gate_kind,
         with_momentum=opt != "gd",
-        edges=draw(st.booleans(), label="edges"),
+        edges=edges,
     )
     kw = dict(
         optimizer=OPTIMIZERS[opt],
@@ -103,6 +111,37 @@ def test_forward_equals_chunked_and_sequential(data):
     assert_tree_close(state, state_chunked)
     assert_tree_close(y, y_sequential)
     assert_tree_close(state, state_sequential)
+
+
+@pytest.mark.parametrize(
+    ("kind", "opt", "kernel"),
+    [
+        ("linear", "gd", "omega_dual_linear"),
+        ("linear", "momentum", "omega_dual_linear"),
+        ("mlp", "gd", "omega_dual_mlp"),
+        ("mlp", "momentum", "omega_dual_mlp"),
+        ("linear", "muon", "omega_muon_linear"),
+        ("mlp", "muon_eta_inside", "omega_muon_mlp"),
+    ],
+)
+def test_method_pallas_runs_the_kernel(kind, opt, kernel):
+    """omega_scan(method="pallas") really traces the Pallas kernel for its configuration (so the
+    equalities above are not the chunked path compared with itself), and method="chunked" has
+    no pallas_call. Traced only (`jax.make_jaxpr`), never compiled."""
+    memory = make_memory(kind, 4, 4, 0)
+    x = make_inputs(0, 3, 4, 4, window=2, with_momentum=opt != "gd")
+    arrays = [None if a is None else jnp.asarray(a) for a in x.arrays()]
+    kw = dict(optimizer=OPTIMIZERS[opt], window=2, chunk_size=2)
+
+    def jaxpr(method):
+        return str(
+            jax.make_jaxpr(lambda *a: ae.omega_scan(memory, *a, method=method, **kw))(*arrays)
+        )
+
+    pallas = jaxpr("pallas")
+    assert pallas.count("pallas_call[") == 1
+    assert f"name={kernel}" in pallas
+    assert "pallas_call" not in jaxpr("chunked")
 
 
 @pytest.mark.parametrize(
