@@ -522,6 +522,36 @@ def test_padded_shapes_and_head_grid_lower(platform, kind, opt):
     assert _MARKER[platform] in text
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_gradient_program_lowers_for_gpu_and_tpu(platform):
+    """jax.grad through method="pallas" (Pallas forward, chunked XLA backward) lowers for both
+    platforms, w.r.t. the state's weights and every array input (MLP memory, Muon)."""
+    d, T = 32, 64
+    memory = ae.MLPMemory(d, d, key=jax.random.PRNGKey(0), hidden=64)
+    memory = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, memory)
+    optimizer = iopt.muon()
+    diff, static = eqx.partition(ae.init_omega_state(memory, optimizer, 2), eqx.is_inexact_array)
+
+    def loss(diff, *arrays):
+        y, _ = pallas_scan(
+            eqx.combine(diff, static),
+            *arrays,
+            objective=ae.l2,
+            optimizer=optimizer,
+            window=2,
+            chunk_size=16,
+            backend=_BACKEND[platform],
+        )
+        return jnp.sum(y * y)
+
+    f32 = jnp.float32
+    arrays = [jax.ShapeDtypeStruct((T, d), f32)] * 3 + [jax.ShapeDtypeStruct((T,), f32)] * 4
+    grad = jax.jit(jax.grad(loss, argnums=tuple(range(8))))
+    with _lowering_context(platform):
+        lowered = grad.trace(diff, *arrays).lower(lowering_platforms=(platform,))
+    assert _MARKER[platform] in lowered.as_text()
+
+
 def test_lowering_check_catches_unpadded_shapes(monkeypatch):
     """The lowering tests can fail: without the power-of-2 padding, Triton rejects the kernel
     at d = 48 (the rule these tests guard)."""
