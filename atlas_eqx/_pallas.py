@@ -13,18 +13,21 @@ $A$, $C = L_\alpha\mathrm{diag}(\eta)L_\theta\Gamma$, $c_S$, $B$, $C_S$). One ke
 per sequence (`jax.vmap` over heads and batch adds grid axes) then runs the sequential loop
 over chunks, a `fori_loop` carrying $W$ (and $S$), and computes per chunk:
 
-- `_linear_kernel` (`LinearMemory`, GD or momentum, the dual form of digest 6.2): the residuals
-  $R = \partial_p\ell(\Phi_EW_s^\top, V_E)$ at the anchor, the reads
-  $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ and the anchor update
-  $W \leftarrow A_bW_s - c_{S,b}S_s - R^\top\mathrm{diag}(C_b)\Phi_E$,
-  $S \leftarrow B_bS_s + R^\top\mathrm{diag}(C_S)\Phi_E$.
-- `_mlp_kernel` (`MLPMemory` of any depth, GD or momentum): the same per layer, with the
-  per-token gradients $\delta^l_i (h^{l-1}_i)^\top$ from a forward and backward pass at the
-  anchor, and the exact dual-form reads layer by layer (digest 6.2, "MLP memory").
+- `_dual_kernel` (GD or momentum; `LinearMemory` is the one-layer case of `MLPMemory` of any
+  depth; the dual form of digest 6.2): the per-token gradient factors at the anchor (layer
+  inputs $h^{l-1}_i$ and output cotangents $\delta^l_i$; for a linear memory the residuals
+  $R = \partial_p\ell(\Phi_EW_s^\top, V_E)$), the exact reads without per-position weights,
+  layer by layer (linear: $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) -
+  (C\odot Q\Phi_E^\top)R$), and the anchor update per layer
+  $W \leftarrow A_bW_s - c_{S,b}S_s - \delta^\top\mathrm{diag}(C_b)h$,
+  $S \leftarrow B_bS_s + \delta^\top\mathrm{diag}(C_S)h$.
 - `_muon_kernel` (Muon, linear or MLP memory): per position $n$ of the chunk (an inner
   `fori_loop`), $g_n = \sum_i\Gamma[n,i]\,\delta_ih_i^\top$ as one matmul, $S_n = \theta_nS_{n-1} +
   g_n$, Newton-Schulz of $S_n$ inside the kernel, $W_n = \alpha_nW_{n-1} - \eta_n\mathrm{NS}(S_n)$
-  and the read $\mathcal M(\phi(q_n); W_n)$ (digest 6.4: Muon needs per-position weights).
+  and the read $\mathcal M(\phi(q_n); W_n)$ (digest 6.4: Muon needs per-position weights). Row
+  $n$ of $\Gamma$, $\theta$, $\alpha$, $\eta$ is picked by a masked sum and the read is that of
+  all $b$ queries with $W_n$, keeping row $n$: 2-D matmuls only, no dynamic slicing of values
+  (which Triton cannot lower), at $b$ reads per position, small next to Newton-Schulz.
 
 The backward pass (`jax.custom_vjp`) recomputes through the chunked XLA path: it is
 `jax.vjp(chunked_scan)` at the same arguments, so `jax.grad` gives the chunked path's gradients
@@ -59,6 +62,8 @@ $\Gamma$. Not supported (a `ValueError` says what to use instead): `GatedMLPMemo
 `decay_first=True`, `muon_per_chunk=True`, opaque (`from_optax`) learners, preconditioners
 other than identity and Muon's Newton-Schulz, and other objectives. Every input is one VMEM
 block on TPU, so very long sequences on TPU need a chunk grid with scratch carries (not done).
+The kernels keep $W$ (and $S$) of every layer as loop values (registers on GPU, VMEM on TPU):
+sized for head dimensions of up to a few hundred, not for wide deep memories.
 """
 
 import functools
@@ -479,11 +484,7 @@ def _forward(
     d_in_p, d_out_p = size(memory.d_in), size(d_out)
     chunks = _pad_chunks(chunks, n_chunks, b_p, n_e_p, d_in_p, d_out_p)
     weights_p = [_pad_matrix(w, backend) for w in weights]
-    momenta_p = (
-        [_pad_matrix(s, backend) for s in momenta]
-        if momenta is not None
-        else [jnp.zeros_like(w) for w in weights_p]
-    )
+    momenta_p = [] if momenta is None else [_pad_matrix(s, backend) for s in momenta]
     dtype = weights_p[0].dtype
     n_layers = len(weights)
 
@@ -504,7 +505,7 @@ def _forward(
         kernel = functools.partial(
             _dual_kernel, n_layers=n_layers, n_chunks=n_chunks, uses_momentum=uses_momentum
         )
-        carried = weights_p + (momenta_p if uses_momentum else [])
+        carried = weights_p + momenta_p
     else:
         eta_inside = optimizer.eta_inside_precondition
         gates = chunks.lr[..., None] * chunks.gates if eta_inside else chunks.gates
