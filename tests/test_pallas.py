@@ -558,3 +558,13 @@ def test_lowering_check_catches_unpadded_shapes(monkeypatch):
     monkeypatch.setattr(_pallas, "_padded_size", lambda n, backend: n)
     with pytest.raises(ValueError, match="power of 2"):
         _lower("cuda", "linear", "gd", T=96, d=48, b=16, window=1)
+
+
+def test_tpu_lowering_check_catches_unsupported_operations(monkeypatch):
+    """The TPU lowering tests can fail too: the kernel body goes through the Mosaic lowering,
+    which rejects an operation it has no rule for (a cumulative sum put into the kernel)."""
+    monkeypatch.setattr(
+        _pallas, "_output_gradient", lambda objective, p, t: jax.lax.cumsum(p - t, axis=0)
+    )
+    with pytest.raises(NotImplementedError, match="cumsum"):
+        _lower("tpu", "linear", "gd", T=64, d=64, b=16, window=1)
