@@ -21,8 +21,9 @@ Override `feature_map=` to choose yourself.
 presets $\eta_{\max} = 1/(c\,\kappa)$, where $\kappa$ bounds $\|\phi(\hat k)\|^2$ for unit keys
 ($\kappa = 1$ for the identity, $\sum_i a_i$ for the exact polynomial): then
 $\eta_t\sum_i\gamma_{t,i}\|\phi_i\|^2 \le 1$ and one GD step on a linear memory never
-overshoots. With $c = 1$ and the identity this is DeltaNet's $\beta_t\in(0,1)$. The Hebbian
-presets use $\eta_{\max} = 1$.
+overshoots. With $c = 1$ and the identity this is DeltaNet's $\beta_t\in(0,1)$. With plain
+momentum (`titans`) the bound is multiplied by $1 - \theta_{init}$, since the buffer repeats a
+gradient about $1/(1-\theta)$ times. The Hebbian presets use $\eta_{\max} = 1$.
 """
 
 import dataclasses
@@ -59,6 +60,7 @@ __all__ = [
 
 
 _EXACT_FEATURES_MAX_HEAD_DIM = 32
+_MOMENTUM_INIT = MemoryLayerConfig.__dataclass_fields__["momentum_init"].default
 _POSITIONAL = ("d_model", "n_heads", "window", "chunk_size")
 
 
@@ -127,6 +129,11 @@ def _memory_preset(
         c = window if isinstance(window, int) and window >= 1 else 1
         head_dim = _head_dim(d_model, n_heads, overrides)
         fields["lr_max"] = 1.0 / (c * _feature_norm_bound(fields, head_dim))
+        if fields.get("optimizer") == "momentum":
+            # The momentum buffer sums about 1 / (1 - theta) past gradients, so the step of a
+            # repeated direction is eta / (1 - theta); without this factor Titans' MLP memory
+            # diverges at initialisation on ordinary inputs.
+            fields["lr_max"] *= 1.0 - fields.get("momentum_init", _MOMENTUM_INIT)
     if "lr_init" not in overrides:
         fields["lr_init"] = 0.5 * fields.get("lr_max", 1.0)
     return MemoryLayer(MemoryLayerConfig(**fields), key=key)
