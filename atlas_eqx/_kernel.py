@@ -126,13 +126,20 @@ def _check_options(
 
 
 def _gates(
-    name: str, x: Float[Array | np.ndarray, " T"] | None, T: int, dtype, arg: str
+    name: str,
+    x: Float[Array | np.ndarray, " T"] | None,
+    T: int,
+    dtype,
+    arg: str,
+    check_values: bool,
 ) -> Float[Array, " T"]:
     if x is None:
         return jnp.ones((T,), dtype)
     x = jnp.asarray(x, dtype)
     if x.shape != (T,):
         raise ValueError(f"{name}: `{arg}` must have shape (T,) = ({T},); got {x.shape}")
+    if not check_values:
+        return x
     if arg == "lr":
         bad = ~jnp.all(x >= 0)
         message = f"{name}: `lr` (eta_t) must be >= 0 (and not NaN)"
@@ -163,7 +170,7 @@ def _finite(name: str, x: Float[Array, "*shape"], arg: str) -> Float[Array, "*sh
     return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name}: `{arg}` contains NaN or inf")
 
 
-def _prepare(name: str, q, k, v, lr, decay, scale: float | None):
+def _prepare(name: str, q, k, v, lr, decay, scale: float | None, check_values: bool):
     T, d_k = q.shape
     if k.shape != (T, d_k):
         raise ValueError(
@@ -174,11 +181,11 @@ def _prepare(name: str, q, k, v, lr, decay, scale: float | None):
     dtype = jnp.result_type(q, k, v)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.zeros(()).dtype
-    q, k, v = (
-        _finite(name, jnp.asarray(x, dtype), arg) for x, arg in ((q, "q"), (k, "k"), (v, "v"))
-    )
-    lr = _gates(name, lr, T, dtype, "lr")
-    decay = _gates(name, decay, T, dtype, "decay")
+    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    if check_values:
+        q, k, v = (_finite(name, x, arg) for x, arg in ((q, "q"), (k, "k"), (v, "v")))
+    lr = _gates(name, lr, T, dtype, "lr", check_values)
+    decay = _gates(name, decay, T, dtype, "decay", check_values)
     scale = 1.0 / math.sqrt(d_k) if scale is None else float(scale)
     return q, k, v, lr, decay, scale
 
@@ -197,6 +204,7 @@ def kernel_memory_scan(
     omega_window: int = 1,
     normalize: bool = False,
     scale: float | None = None,
+    check_values: bool = True,
 ) -> Float[Array, "T d_v"]:
     r"""One sequence through a linear memory on $\phi^*$ with $W_0 = 0$, by the kernel trick.
 
@@ -235,12 +243,16 @@ def kernel_memory_scan(
     - `normalize`: value augmentation $v' = [v; 1]$, output $y'_{1:d_v}/y'_{d_v+1}$ (digest
       5.2, A-16). Exact for positive kernels and nonnegative coefficients (Hebbian).
     - `scale`: $\sigma > 0$; `None` means $1/\sqrt{d_k}$.
+    - `check_values`: check at run time (`eqx.error_if`) that `q`, `k`, `v` are finite and
+      the gates in range; `False` inside models whose gates are in range by construction
+      (the check's host callback keeps JAX's persistent compilation cache from storing the
+      program), as for `omega_scan`.
 
     **Returns:** `y`, `(T, d_v)`.
     """
     name = "kernel_memory_scan"
     _check_options(name, kernel, rule, window, omega_window, scale)
-    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale)
+    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale, check_values)
     T = q.shape[0]
     values = _augment(v, normalize)
     scores = sigma * (q @ k.T)  # [t, i] = sigma q_t . k_i
@@ -324,6 +336,7 @@ def kernel_memory_stream(
     omega_window: int = 1,
     normalize: bool = False,
     scale: float | None = None,
+    check_values: bool = True,
 ) -> tuple[Float[Array, "T d_v"], KernelMemoryState]:
     r"""The next `T` tokens of a stream through a kernel memory (see `kernel_memory_scan`).
 
@@ -344,7 +357,7 @@ def kernel_memory_stream(
     """
     name = "kernel_memory_stream"
     _check_options(name, kernel, rule, window, omega_window, scale)
-    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale)
+    q, k, v, lr, decay, sigma = _prepare(name, q, k, v, lr, decay, scale, check_values)
     T, d_k = q.shape
     capacity, d_aug = state.coefficients.shape
     expected_aug = v.shape[1] + 1 if normalize else v.shape[1]

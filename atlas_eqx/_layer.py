@@ -606,6 +606,10 @@ class MemoryLayer(AbstractMixer):
         `kernel_memory_scan` (the quadratic form) when `state` is `None`, and then the returned
         state is `None`; `kernel_memory_stream` otherwise. Returns the reads $y$ `(H, T, d_v)`
         and the new state.
+
+        The scans run with `check_values=False`: every gate here is a sigmoid (times a
+        positive constant), in range by construction, and leaving out the runtime checks'
+        host callbacks lets JAX's persistent compilation cache store compiled models.
         """
         c = self.config
         i = inputs
@@ -617,6 +621,7 @@ class MemoryLayer(AbstractMixer):
                 omega_window=c.window,
                 normalize=c.kernel_normalize,
                 scale=c.kernel_scale,
+                check_values=False,
             )
             if state is None:
                 scan = lambda q, k, v, lr, decay: kernel_memory_scan(q, k, v, lr, decay, **options)
@@ -649,6 +654,7 @@ class MemoryLayer(AbstractMixer):
                 state=head_state,
                 decay_first=c.decay_first,
                 muon_per_chunk=c.muon_per_chunk,
+                check_values=False,
             )
 
         return eqx.filter_vmap(head)(

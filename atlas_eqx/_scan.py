@@ -44,6 +44,7 @@ def omega_scan(
     state: OmegaState | None = None,
     decay_first: bool = False,
     muon_per_chunk: bool = False,
+    check_values: bool = True,
 ) -> tuple[Float[Array, "T d_v"], OmegaState]:
     r"""Stream one sequence through a test-time memory trained by the Omega rule (ATLAS Eqs 9-10, 32-33).
 
@@ -81,6 +82,11 @@ def omega_scan(
     - `muon_per_chunk`: with `method="chunked"`, apply Newton-Schulz once per chunk to the
       chunk-end momentum and read inside a chunk from the decayed chunk-start weights (an
       approximation for speed, digest A-13 (i); see `atlas_eqx._chunked`).
+    - `check_values`: check at run time (with `eqx.error_if`, also under `jit`) that `q`, `k`,
+      `v` are finite and every gate lies in its range. Shapes and static options are always
+      checked. Models whose gates are in range by construction (sigmoids, as in
+      `MemoryLayer`) pass `False`: the check's host callback keeps JAX's persistent
+      compilation cache from storing the compiled program.
 
     **Returns:** `(y, state)` with `y` of shape `(T, d_v)`.
     """
@@ -150,11 +156,12 @@ def omega_scan(
     q, k, v, lr, decay = (jnp.asarray(x, dtype) for x in (q, k, v, lr, decay))
     momentum = jnp.zeros((T,), dtype) if momentum is None else jnp.asarray(momentum, dtype)
     gamma = jnp.ones((T,), dtype) if gamma is None else jnp.asarray(gamma, dtype)
-    q, k, v = (_check_finite(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    lr = _check_range(lr, "lr", "eta_t", 0.0, None)
-    decay = _check_range(decay, "decay", "alpha_t", 0.0, 1.0)
-    momentum = _check_range(momentum, "momentum", "theta_t", 0.0, 1.0)
-    gamma = _check_range(gamma, "gamma", "gamma", 0.0, 1.0)
+    if check_values:
+        q, k, v = (_check_finite(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+        lr = _check_range(lr, "lr", "eta_t", 0.0, None)
+        decay = _check_range(decay, "decay", "alpha_t", 0.0, 1.0)
+        momentum = _check_range(momentum, "momentum", "theta_t", 0.0, 1.0)
+        gamma = _check_range(gamma, "gamma", "gamma", 0.0, 1.0)
 
     features_q = feature_map(q)
     features_k = feature_map(k)

@@ -245,6 +245,11 @@ def train(
             begin = time.perf_counter()
             model, opt_state, metrics = step_fn(model, opt_state, inputs, targets)
             metrics = {name: float(value) for name, value in metrics.items()}
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(
+                    f"train: the loss is {metrics['loss']} at step {step + 1} (lower `lr`, "
+                    "check the inputs: token ids must lie in [0, vocab_size))"
+                )
             seconds = time.perf_counter() - begin
             if step > start:  # the first step of a run includes compilation
                 tokens += inputs.size

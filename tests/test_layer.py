@@ -533,3 +533,23 @@ def test_deep_memory_presets_stay_finite_at_initialisation(name):
     y = np.asarray(eqx.filter_jit(layer)(x))
     assert np.all(np.isfinite(y))
     assert np.max(np.abs(y)) < 100.0
+
+
+@pytest.mark.parametrize("name", ["deltanet", "deep_transformer"])
+def test_compiled_layers_hold_no_host_callback(name):
+    """`MemoryLayer` runs its scans with `check_values=False` (its gates are sigmoids), so the
+    compiled program has no host callback and JAX's persistent cache can store it."""
+    layer = getattr(ae.presets, name)(D_MODEL, N_HEADS, key=jax.random.PRNGKey(0))
+    jaxpr = str(jax.make_jaxpr(layer)(sequence(5)))
+    assert "callback" not in jaxpr
+    checked = jax.make_jaxpr(
+        lambda q: ae.omega_scan(
+            ae.LinearMemory(4, 4, key=jax.random.PRNGKey(0)),
+            q,
+            q,
+            q,
+            jnp.ones(5),
+            jnp.ones(5),
+        )[0]
+    )(jnp.ones((5, 4)))
+    assert "callback" in str(checked)  # the public default does check

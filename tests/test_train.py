@@ -154,3 +154,16 @@ def test_bad_optim_config_names_the_field():
         OptimConfig(lr=0.0)
     with pytest.raises(ValueError, match="`final_lr_fraction`"):
         OptimConfig(final_lr_fraction=2.0)
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error():
+    """Under jit an out-of-range token embeds as NaN; the loop must not train on silently."""
+
+    def bad_batch(step: int):
+        inputs, targets = _batch_fn(step)
+        inputs = inputs.copy()
+        inputs[0, 0] = VOCAB + 3
+        return inputs, targets
+
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        train(_model(), bad_batch, steps=2, progress=False)
