@@ -427,7 +427,7 @@ class _Gate(eqx.Module):
     def __init__(self, d_model: int, out: int, bias: float, *, key: PRNGKeyArray):
         bound = 1.0 / math.sqrt(d_model)
         self.weight = jax.random.uniform(key, (out, d_model), minval=-bound, maxval=bound)
-        self.bias = jnp.full((out,), bias)
+        self.bias = jnp.full((out,), bias, dtype=float)
 
     def __call__(self, x: Float[Array, "T d_model"]) -> Float[Array, "T out"]:
         return jax.nn.sigmoid(x @ self.weight.T.astype(x.dtype) + self.bias.astype(x.dtype))
