@@ -110,7 +110,7 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
         f"omega_scan benchmark on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"d_k=d_v={config.d_k}, MLP hidden={config.hidden}, window c={config.window}, "
         f"float32, median of {config.repeats}. Peak = XLA buffer assignment of the compiled "
-        "forward+backward (arguments + outputs + temporaries). x = tokens/s over sequential. "
+        "forward+backward (arguments + outputs + temporaries). x = tokens/s over the first method. "
         "chunked-nsc = chunked with muon_per_chunk=True (an approximation, not the same function)."
     )
     header = (
@@ -146,10 +146,10 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                         peak_bytes=peak,
                     )
                     rows.append(row)
-                    if method == "sequential":
+                    if baseline is None:
                         baseline = row
                     ratio_f = ratio_b = ""
-                    if baseline is not None and method != "sequential":
+                    if baseline is not row:
                         ratio_f = (
                             f"{row['forward_tokens_per_s'] / baseline['forward_tokens_per_s']:.1f}"
                         )

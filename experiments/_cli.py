@@ -25,6 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
         d_v=args.dim,
         hidden=args.hidden,
         window=args.window,
+        methods=tuple(args.methods),
     )
     run_scan_benchmark(config)
     return 0
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["linear+gd", "mlp+momentum", "mlp+muon"],
         choices=["linear+gd", "mlp+momentum", "mlp+muon"],
+    )
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        default=["sequential", "chunked"],
+        choices=["sequential", "chunked", "pallas"],
+        help="omega_scan methods to compare (pallas runs in interpret mode on CPU; on a GPU "
+        "it is the Triton kernel); ratios are against the first method given",
     )
     bench.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept")
     bench.add_argument(
