@@ -11,7 +11,7 @@ import functools
 import json
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import equinox as eqx
@@ -138,7 +138,7 @@ def _eval_batch(model, inputs, targets):
     return masked_cross_entropy(logits, targets)
 
 
-def evaluate(model: Callable, batches: Iterator[Batch] | list[Batch]) -> dict[str, float]:
+def evaluate(model: Callable, batches: Iterable[Batch]) -> dict[str, float]:
     """Mean cross-entropy (nats per scored token), bits per scored token and accuracy."""
     total = count = correct = 0.0
     for inputs, targets in batches:

@@ -1,0 +1,34 @@
+"""`atlas-eqx plot`: curves from `metrics.jsonl` files written by the training loop."""
+
+import json
+import pathlib
+from collections.abc import Sequence
+
+
+def plot_metrics(
+    paths: Sequence[str | pathlib.Path], out: str | pathlib.Path, *, key: str = "loss"
+):
+    """One line per file: `key` of the per-step records, and of the evaluations if present."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("atlas-eqx plot needs matplotlib: pip install 'atlas-eqx[plot]'") from None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for path in paths:
+        records = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+        steps = [r["step"] for r in records if key in r]
+        if steps:
+            axis.plot(steps, [r[key] for r in records if key in r], label=f"{path} (train)")
+        evals = [(r["step"], r["eval"][key]) for r in records if key in r.get("eval", {})]
+        if evals:
+            axis.plot(*zip(*evals, strict=True), marker="o", label=f"{path} (eval)")
+    axis.set_xlabel("step")
+    axis.set_ylabel(key)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)

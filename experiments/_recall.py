@@ -1,0 +1,234 @@
+"""MQAR (Zoology's multi-query associative recall) training runs: one small language model per
+preset, trained on the same data, scored on held-out examples.
+
+This is the main job's engine (`atlas-eqx quickstart`) and the building block of the MQAR
+results. The loss is next-token cross-entropy at the query positions only (Zoology's
+protocol); accuracy is the per-example fraction of queries answered, averaged over examples.
+"""
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+import atlas_eqx as ae
+
+from ._mqar import multiquery_ar
+from ._train import Batch, evaluate, OptimConfig, train
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallTaskConfig:
+    """An MQAR miniature (tasks_and_data.md 3.2: V 256, T 64, D 4 is the CI-sized setting)."""
+
+    seq_len: int = 32
+    num_kv_pairs: int = 4
+    vocab_size: int = 64
+    num_train: int = 8192
+    num_test: int = 256
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallModelConfig:
+    """The language model around each preset (Llama blocks, digest 7.1)."""
+
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    chunk_size: int = 4
+    window: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallRunConfig:
+    """Which presets, how long, and where the outputs go."""
+
+    presets: tuple[str, ...] = ("atlas", "omeganet", "titans", "gated_deltanet", "transformer")
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-2
+    warmup_steps: int = 20
+    eval_every: int = 100
+    seed: int = 0
+    out_dir: str = "experiments/results/quickstart"
+    preset_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """Extra config fields per preset, e.g. `{"atlas": {"muon_per_chunk": True}}`."""
+
+
+@dataclasses.dataclass
+class RecallResult:
+    preset: str
+    accuracy: float
+    test_loss: float
+    parameters: int
+    state_floats: int
+    tokens_per_second: float
+    seconds: float
+    curve: list[tuple[int, float]]
+
+
+def build_model(
+    preset: str,
+    model: RecallModelConfig,
+    vocab_size: int,
+    *,
+    key,
+    options: Mapping[str, Any] | None = None,
+) -> Any:
+    """A `LanguageModel` whose mixers are `atlas_eqx.presets.<preset>(..., **options)`."""
+    base = {} if preset in ("transformer", "swa") else _preset_options(preset, model)
+    options = {**base, **(options or {})}
+    return ae.LanguageModel(
+        vocab_size,
+        model.d_model,
+        model.n_layers,
+        model.n_heads,
+        key=key,
+        mixer=preset,
+        mixer_options=options,
+    )
+
+
+def _preset_options(preset: str, model: RecallModelConfig) -> dict[str, Any]:
+    options: dict[str, Any] = dict(chunk_size=model.chunk_size)
+    if preset not in ("titans", "deltanet", "gated_deltanet", "linear_attention", "dla"):
+        options["window"] = model.window
+    return options
+
+
+def count_parameters(model: Any) -> int:
+    """Number of trained scalars (inexact array leaves)."""
+    return int(sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))))
+
+
+def recurrent_state_floats(model: Any, max_length: int) -> int:
+    """Floats in the streaming state after `max_length` tokens (a KV cache grows with T)."""
+    state = eqx.filter_eval_shape(model.init_state, max_length)
+    return int(
+        sum(
+            math.prod(x.shape)
+            for x in jax.tree.leaves(state)
+            if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)
+        )
+    )
+
+
+def _batches(task, batch_size: int, seed: int):
+    n = task.inputs.shape[0]
+
+    def batch_fn(step: int):
+        rng = np.random.default_rng((seed, step))
+        index = rng.choice(n, size=batch_size, replace=False)
+        return task.inputs[index], task.targets[index]
+
+    return batch_fn
+
+
+def _eval_batches(task, batch_size: int) -> list[Batch]:
+    n = task.inputs.shape[0]
+    return [
+        (task.inputs[i : i + batch_size], task.targets[i : i + batch_size])
+        for i in range(0, n - batch_size + 1, batch_size)
+    ]
+
+
+def run_recall(
+    task: RecallTaskConfig = RecallTaskConfig(),
+    model: RecallModelConfig = RecallModelConfig(),
+    run: RecallRunConfig = RecallRunConfig(),
+    *,
+    progress: bool = True,
+) -> list[RecallResult]:
+    """Train one model per preset on the same MQAR data and score it on the test split."""
+    train_task = multiquery_ar(
+        task.num_train, task.seq_len, task.vocab_size, task.num_kv_pairs, seed=task.seed
+    )
+    test_task = multiquery_ar(
+        task.num_test, task.seq_len, task.vocab_size, task.num_kv_pairs, seed=task.seed + 10**6
+    )
+    test_batches = _eval_batches(test_task, run.batch_size)
+    out = pathlib.Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for preset in run.presets:
+        lm = build_model(
+            preset,
+            model,
+            task.vocab_size,
+            key=jax.random.key(run.seed),
+            options=run.preset_options.get(preset),
+        )
+        start = time.perf_counter()
+        outcome = train(
+            lm,
+            _batches(train_task, run.batch_size, run.seed),
+            steps=run.steps,
+            optim=OptimConfig(lr=run.lr, warmup_steps=run.warmup_steps),
+            eval_fn=lambda m: evaluate(m, test_batches),
+            eval_every=run.eval_every,
+            log_path=out / f"{preset}.jsonl",
+            progress=progress,
+            description=preset,
+            resume=False,
+        )
+        seconds = time.perf_counter() - start
+        final = outcome.evaluations[-1]
+        results.append(
+            RecallResult(
+                preset=preset,
+                accuracy=final["accuracy"],
+                test_loss=final["loss"],
+                parameters=count_parameters(outcome.model),
+                state_floats=recurrent_state_floats(outcome.model, task.seq_len),
+                tokens_per_second=outcome.tokens_per_second,
+                seconds=seconds,
+                curve=[(int(e["step"]), e["accuracy"]) for e in outcome.evaluations],
+            )
+        )
+    return results
+
+
+def format_recall_table(results: Sequence[RecallResult]) -> str:
+    """A markdown table of the results."""
+    lines = [
+        "| preset | MQAR accuracy | test loss | parameters | state floats (T tokens) "
+        "| train tok/s | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.preset} | {r.accuracy:.3f} | {r.test_loss:.3f} | {r.parameters:,} "
+            f"| {r.state_floats:,} | {r.tokens_per_second:,.0f} | {r.seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_recall_curves(results: Sequence[RecallResult], path: pathlib.Path | str) -> bool:
+    """Test accuracy against training step, one line per preset; `False` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for r in results:
+        steps, accuracies = zip(*r.curve, strict=True)
+        axis.plot(steps, accuracies, marker="o", label=r.preset)
+    axis.set_xlabel("training step")
+    axis.set_ylabel("MQAR test accuracy")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True

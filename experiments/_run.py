@@ -1,0 +1,216 @@
+"""`atlas-eqx train` and `atlas-eqx eval`: one preset, one task, a run directory.
+
+A run directory holds `config.json` (the `TrainConfig`), `checkpoint.eqx` (model and optimizer
+state, resumable), `metrics.jsonl` (one line per step and per evaluation) and `eval.json`.
+"""
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+import atlas_eqx as ae
+
+from ._config import save_config
+from ._corpus import excerpt_documents, load_corpus
+from ._mqar import multiquery_ar
+from ._train import Batch, evaluate, load_checkpoint, make_optimizer, OptimConfig, train
+
+
+TASKS = ("mqar", "lm")
+CORPORA = ("excerpt", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything `atlas-eqx train` needs; every field is a flag (`--d-model 64`) or a key of
+    the `--config` JSON file."""
+
+    task: str = "mqar"
+    preset: str = "atlas"
+    preset_options: str = "{}"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    chunk_size: int = 4
+    window: int = 4
+    seq_len: int = 32
+    num_kv_pairs: int = 4
+    vocab_size: int = 64
+    num_train: int = 8192
+    num_test: int = 256
+    corpus: str = "excerpt"
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-2
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    seed: int = 0
+    out_dir: str = "runs/train"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"`task` must be one of {TASKS}; got {self.task!r}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"`corpus` must be one of {CORPORA}; got {self.corpus!r}")
+        names = ae.presets.__all__
+        if self.preset not in names:
+            raise ValueError(f"unknown `preset` {self.preset!r}; choose from {sorted(names)}")
+        for name in ("d_model", "n_layers", "n_heads", "chunk_size", "window", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"impossible dims: `d_model`={self.d_model} is not divisible by "
+                f"`n_heads`={self.n_heads}"
+            )
+        try:
+            options = json.loads(self.preset_options)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`preset_options` is not JSON: {error}") from None
+        if not isinstance(options, dict):
+            raise ValueError("`preset_options` must be a JSON object of config fields")
+
+    @property
+    def model_vocab(self) -> int:
+        return 256 if self.task == "lm" else self.vocab_size
+
+
+def build_language_model(config: TrainConfig) -> Any:
+    options: dict[str, Any] = json.loads(config.preset_options)
+    if config.preset not in ("transformer", "swa"):
+        options.setdefault("chunk_size", config.chunk_size)
+        if config.preset not in ("titans", "deltanet", "gated_deltanet", "linear_attention"):
+            options.setdefault("window", config.window)
+    return ae.LanguageModel(
+        config.model_vocab,
+        config.d_model,
+        config.n_layers,
+        config.n_heads,
+        key=jax.random.key(config.seed),
+        mixer=config.preset,
+        mixer_options=options,
+    )
+
+
+def _byte_splits(config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    if config.corpus == "full":
+        return load_corpus("train"), load_corpus("valid")
+    documents = list(excerpt_documents().values())
+    train_text = "\n".join(documents[:-1]).encode()
+    valid_text = documents[-1].encode()
+    return np.frombuffer(train_text, np.uint8), np.frombuffer(valid_text, np.uint8)
+
+
+def _lm_windows(data: np.ndarray, batch: int, length: int, rng: np.random.Generator) -> Batch:
+    starts = rng.integers(0, len(data) - length - 1, size=batch)
+    windows = np.stack([data[s : s + length + 1] for s in starts]).astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def task_data(config: TrainConfig):
+    """`(batch_fn(step), evaluation batches)` for the configured task."""
+    if config.task == "mqar":
+        train_task = multiquery_ar(
+            config.num_train,
+            config.seq_len,
+            config.vocab_size,
+            config.num_kv_pairs,
+            seed=config.seed,
+        )
+        test_task = multiquery_ar(
+            config.num_test,
+            config.seq_len,
+            config.vocab_size,
+            config.num_kv_pairs,
+            seed=config.seed + 10**6,
+        )
+
+        def batch_fn(step: int) -> Batch:
+            rng = np.random.default_rng((config.seed, step))
+            index = rng.choice(config.num_train, size=config.batch_size, replace=False)
+            return train_task.inputs[index], train_task.targets[index]
+
+        eval_batches = [
+            (
+                test_task.inputs[i : i + config.batch_size],
+                test_task.targets[i : i + config.batch_size],
+            )
+            for i in range(0, config.num_test - config.batch_size + 1, config.batch_size)
+        ]
+        return batch_fn, eval_batches
+    train_bytes, valid_bytes = _byte_splits(config)
+
+    def lm_batch_fn(step: int) -> Batch:
+        return _lm_windows(
+            train_bytes,
+            config.batch_size,
+            config.seq_len,
+            np.random.default_rng((config.seed, step)),
+        )
+
+    rng = np.random.default_rng(config.seed + 10**6)
+    eval_batches = [
+        _lm_windows(valid_bytes, config.batch_size, config.seq_len, rng) for _ in range(8)
+    ]
+    return lm_batch_fn, eval_batches
+
+
+def _optim(config: TrainConfig) -> OptimConfig:
+    return OptimConfig(
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        clip_norm=config.clip_norm,
+    )
+
+
+def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
+    """Train (resuming from the run directory's checkpoint if there is one) and evaluate."""
+    out = pathlib.Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    if saved.exists() and json.loads(saved.read_text()) != dataclasses.asdict(config):
+        raise SystemExit(
+            f"{out} holds a run with another config; use a new --out-dir or delete {saved}"
+        )
+    save_config(config, saved)
+    batch_fn, eval_batches = task_data(config)
+    result = train(
+        build_language_model(config),
+        batch_fn,
+        steps=config.steps,
+        optim=_optim(config),
+        eval_fn=lambda model: evaluate(model, eval_batches),
+        eval_every=config.eval_every,
+        log_path=out / "metrics.jsonl",
+        checkpoint_path=out / "checkpoint.eqx",
+        checkpoint_every=config.checkpoint_every,
+        progress=progress,
+        description=f"{config.preset}/{config.task}",
+    )
+    final = dict(result.evaluations[-1]) if result.evaluations else {}
+    final["train_tokens_per_second"] = result.tokens_per_second
+    (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
+    return final
+
+
+def run_evaluation(run_dir: pathlib.Path | str) -> dict[str, float]:
+    """Rebuild the model of a run directory, load its checkpoint, evaluate it."""
+    run_dir = pathlib.Path(run_dir)
+    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    model = build_language_model(config)
+    optimizer = make_optimizer(_optim(config), config.steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    model, _, step = load_checkpoint(run_dir / "checkpoint.eqx", model, opt_state)
+    _, eval_batches = task_data(config)
+    metrics = evaluate(model, eval_batches)
+    metrics["step"] = step
+    return metrics
