@@ -120,7 +120,8 @@ def recurrent_state_floats(model: Any, max_length: int) -> int:
     )
 
 
-def _batches(task, batch_size: int, seed: int):
+def mqar_batches(task, batch_size: int, seed: int):
+    """`batch_fn(step)`: `batch_size` distinct training sequences drawn from `(seed, step)`."""
     n = task.inputs.shape[0]
 
     def batch_fn(step: int):
@@ -131,7 +132,8 @@ def _batches(task, batch_size: int, seed: int):
     return batch_fn
 
 
-def _eval_batches(task, batch_size: int) -> list[Batch]:
+def mqar_eval_batches(task, batch_size: int) -> list[Batch]:
+    """The test sequences in order, in whole batches."""
     n = task.inputs.shape[0]
     return [
         (task.inputs[i : i + batch_size], task.targets[i : i + batch_size])
@@ -153,7 +155,7 @@ def run_recall(
     test_task = multiquery_ar(
         task.num_test, task.seq_len, task.vocab_size, task.num_kv_pairs, seed=task.seed + 10**6
     )
-    test_batches = _eval_batches(test_task, run.batch_size)
+    test_batches = mqar_eval_batches(test_task, run.batch_size)
     out = pathlib.Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -168,7 +170,7 @@ def run_recall(
         start = time.perf_counter()
         outcome = train(
             lm,
-            _batches(train_task, run.batch_size, run.seed),
+            mqar_batches(train_task, run.batch_size, run.seed),
             steps=run.steps,
             optim=OptimConfig(lr=run.lr, warmup_steps=run.warmup_steps),
             eval_fn=lambda m: evaluate(m, test_batches),

@@ -18,6 +18,7 @@ import atlas_eqx as ae
 from ._config import save_config
 from ._corpus import excerpt_documents, load_corpus
 from ._mqar import multiquery_ar
+from ._recall import mqar_batches, mqar_eval_batches
 from ._train import Batch, evaluate, load_checkpoint, make_optimizer, OptimConfig, train
 
 
@@ -133,19 +134,10 @@ def task_data(config: TrainConfig):
             seed=config.seed + 10**6,
         )
 
-        def batch_fn(step: int) -> Batch:
-            rng = np.random.default_rng((config.seed, step))
-            index = rng.choice(config.num_train, size=config.batch_size, replace=False)
-            return train_task.inputs[index], train_task.targets[index]
-
-        eval_batches = [
-            (
-                test_task.inputs[i : i + config.batch_size],
-                test_task.targets[i : i + config.batch_size],
-            )
-            for i in range(0, config.num_test - config.batch_size + 1, config.batch_size)
-        ]
-        return batch_fn, eval_batches
+        return (
+            mqar_batches(train_task, config.batch_size, config.seed),
+            mqar_eval_batches(test_task, config.batch_size),
+        )
     train_bytes, valid_bytes = _byte_splits(config)
 
     def lm_batch_fn(step: int) -> Batch:
