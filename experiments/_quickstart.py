@@ -29,7 +29,9 @@ from ._recall import (
 ELEMENTWISE_FEATURES = {"feature_map": "elementwise", "feature_include_constant": False}
 QUICKSTART_OPTIONS = {
     "atlas": {"muon_per_chunk": True, **ELEMENTWISE_FEATURES},
-    "omeganet": ELEMENTWISE_FEATURES,
+    # At the preset's eta_max = 1 / (c kappa) its MLP memory diverged (NaN) after ~130 outer
+    # steps: kappa bounds a linear memory's curvature, not an MLP's.
+    "omeganet": {**ELEMENTWISE_FEATURES, "lr_max": 0.02},
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import atlas_eqx as ae
 
 from ._mqar import multiquery_ar
-from ._train import Batch, evaluate, OptimConfig, train
+from ._train import Batch, evaluate, OptimConfig, train, TrainingDiverged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,7 @@ class RecallResult:
     tokens_per_second: float
     seconds: float
     curve: list[tuple[int, float]]
+    diverged_at: int | None = None
 
 
 def build_model(
@@ -160,6 +161,8 @@ def run_recall(
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for preset in run.presets:
+        log_path = out / f"{preset}.jsonl"
+        log_path.unlink(missing_ok=True)  # a fresh run, not appended to an earlier one
         lm = build_model(
             preset,
             model,
@@ -168,18 +171,35 @@ def run_recall(
             options=run.preset_options.get(preset),
         )
         start = time.perf_counter()
-        outcome = train(
-            lm,
-            mqar_batches(train_task, run.batch_size, run.seed),
-            steps=run.steps,
-            optim=OptimConfig(lr=run.lr, warmup_steps=run.warmup_steps),
-            eval_fn=lambda m: evaluate(m, test_batches),
-            eval_every=run.eval_every,
-            log_path=out / f"{preset}.jsonl",
-            progress=progress,
-            description=preset,
-            resume=False,
-        )
+        try:
+            outcome = train(
+                lm,
+                mqar_batches(train_task, run.batch_size, run.seed),
+                steps=run.steps,
+                optim=OptimConfig(lr=run.lr, warmup_steps=run.warmup_steps),
+                eval_fn=lambda m: evaluate(m, test_batches),
+                eval_every=run.eval_every,
+                log_path=log_path,
+                progress=progress,
+                description=preset,
+                resume=False,
+            )
+        except TrainingDiverged as diverged:
+            # Reported in the table as a result (it is one), not hidden by a crash.
+            results.append(
+                RecallResult(
+                    preset=preset,
+                    accuracy=float("nan"),
+                    test_loss=float("nan"),
+                    parameters=count_parameters(lm),
+                    state_floats=recurrent_state_floats(lm, task.seq_len),
+                    tokens_per_second=float("nan"),
+                    seconds=time.perf_counter() - start,
+                    curve=[(int(e["step"]), e["accuracy"]) for e in diverged.evaluations],
+                    diverged_at=diverged.step,
+                )
+            )
+            continue
         seconds = time.perf_counter() - start
         final = outcome.evaluations[-1]
         results.append(
@@ -205,6 +225,12 @@ def format_recall_table(results: Sequence[RecallResult]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if r.diverged_at is not None:
+            lines.append(
+                f"| {r.preset} | diverged (NaN loss at step {r.diverged_at}) | - "
+                f"| {r.parameters:,} | {r.state_floats:,} | - | {r.seconds:.0f} |"
+            )
+            continue
         lines.append(
             f"| {r.preset} | {r.accuracy:.3f} | {r.test_loss:.3f} | {r.parameters:,} "
             f"| {r.state_floats:,} | {r.tokens_per_second:,.0f} | {r.seconds:.0f} |"
@@ -223,6 +249,8 @@ def plot_recall_curves(results: Sequence[RecallResult], path: pathlib.Path | str
         return False
     figure, axis = plt.subplots(figsize=(6, 4))
     for r in results:
+        if not r.curve:
+            continue
         steps, accuracies = zip(*r.curve, strict=True)
         axis.plot(steps, accuracies, marker="o", label=r.preset)
     axis.set_xlabel("training step")

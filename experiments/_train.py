@@ -172,6 +172,15 @@ def load_checkpoint(
     return model, opt_state, int(header["step"])
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; `step` is the first step (1-based) where it was."""
+
+    def __init__(self, message: str, step: int, evaluations: list[dict[str, float]]):
+        super().__init__(message)
+        self.step = step
+        self.evaluations = evaluations
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: Any
@@ -246,9 +255,11 @@ def train(
             model, opt_state, metrics = step_fn(model, opt_state, inputs, targets)
             metrics = {name: float(value) for name, value in metrics.items()}
             if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"train: the loss is {metrics['loss']} at step {step + 1} (lower `lr`, "
-                    "check the inputs: token ids must lie in [0, vocab_size))"
+                    "check the inputs: token ids must lie in [0, vocab_size))",
+                    step + 1,
+                    evaluations,
                 )
             seconds = time.perf_counter() - begin
             if step > start:  # the first step of a run includes compilation

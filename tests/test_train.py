@@ -18,6 +18,7 @@ from experiments._train import (
     OptimConfig,
     save_checkpoint,
     train,
+    TrainingDiverged,
 )
 
 
@@ -165,5 +166,6 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
         inputs[0, 0] = VOCAB + 3
         return inputs, targets
 
-    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 1") as raised:
         train(_model(), bad_batch, steps=2, progress=False)
+    assert raised.value.step == 1
