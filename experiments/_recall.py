@@ -84,8 +84,7 @@ def build_model(
     options: Mapping[str, Any] | None = None,
 ) -> Any:
     """A `LanguageModel` whose mixers are `atlas_eqx.presets.<preset>(..., **options)`."""
-    base = {} if preset in ("transformer", "swa") else _preset_options(preset, model)
-    options = {**base, **(options or {})}
+    options = {**layout_options(preset, model.chunk_size, model.window), **(options or {})}
     return ae.LanguageModel(
         vocab_size,
         model.d_model,
@@ -97,10 +96,14 @@ def build_model(
     )
 
 
-def _preset_options(preset: str, model: RecallModelConfig) -> dict[str, Any]:
-    options: dict[str, Any] = dict(chunk_size=model.chunk_size)
+def layout_options(preset: str, chunk_size: int, window: int) -> dict[str, Any]:
+    """The `chunk_size` and Omega `window` a preset takes (attention takes neither; the
+    online presets, c = 1 by definition, keep their window)."""
+    if preset in ("transformer", "swa"):
+        return {}
+    options: dict[str, Any] = dict(chunk_size=chunk_size)
     if preset not in ("titans", "deltanet", "gated_deltanet", "linear_attention", "dla"):
-        options["window"] = model.window
+        options["window"] = window
     return options
 
 

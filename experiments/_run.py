@@ -18,7 +18,7 @@ import atlas_eqx as ae
 from ._config import save_config
 from ._corpus import excerpt_documents, load_corpus
 from ._mqar import multiquery_ar
-from ._recall import mqar_batches, mqar_eval_batches
+from ._recall import layout_options, mqar_batches, mqar_eval_batches
 from ._train import Batch, evaluate, load_checkpoint, make_optimizer, OptimConfig, train
 
 
@@ -85,11 +85,10 @@ class TrainConfig:
 
 
 def build_language_model(config: TrainConfig) -> Any:
-    options: dict[str, Any] = json.loads(config.preset_options)
-    if config.preset not in ("transformer", "swa"):
-        options.setdefault("chunk_size", config.chunk_size)
-        if config.preset not in ("titans", "deltanet", "gated_deltanet", "linear_attention"):
-            options.setdefault("window", config.window)
+    options: dict[str, Any] = {
+        **layout_options(config.preset, config.chunk_size, config.window),
+        **json.loads(config.preset_options),
+    }
     return ae.LanguageModel(
         config.model_vocab,
         config.d_model,
