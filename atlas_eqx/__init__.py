@@ -46,4 +46,16 @@ from ._param_count import (
     parameter_counts as parameter_counts,
 )
 from ._scan import omega_scan as omega_scan
+from ._sharding import (
+    batch_sharding as batch_sharding,
+    check_batch as check_batch,
+    constrain as constrain,
+    make_mesh as make_mesh,
+    MESH_AXES as MESH_AXES,
+    optimizer_state_shardings as optimizer_state_shardings,
+    parameter_shardings as parameter_shardings,
+    parameter_specs as parameter_specs,
+    parse_mesh as parse_mesh,
+    shard as shard,
+)
 from ._state import init_omega_state as init_omega_state, OmegaState as OmegaState

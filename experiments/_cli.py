@@ -41,6 +41,8 @@ _TRAIN_HELP = {
     "checkpoint_every": "checkpoint every this many steps (the run resumes from it)",
     "seed": "PRNG seed of data and initialisation",
     "out_dir": "run directory: config.json, checkpoint.eqx, metrics.jsonl, eval.json",
+    "mesh": "device mesh, e.g. data=4,heads=2: batch split over data, memory/attention heads "
+    "over heads; sizes multiply to the device count (empty: one device)",
 }
 
 
@@ -102,6 +104,62 @@ def _bench(args: argparse.Namespace) -> int:
         methods=tuple(args.methods),
     )
     run_scan_benchmark(config)
+    return 0
+
+
+_STREAM_HELP = {
+    "tokens": "stream length in word tokens (default 1M; --ten-million for 10M)",
+    "call_tokens": "tokens per omega_scan call (one compiled program; the state is carried)",
+    "dim": "key / value embedding dimension",
+    "memory": "linear or mlp (2 layers, hidden 4 * dim)",
+    "optimizer": "inner learner: gd, momentum, muon_per_chunk (Newton-Schulz once per chunk) "
+    "or muon (exact, slow on CPU)",
+    "window": "Omega window c",
+    "chunk_size": "chunk b (gradients at the chunk-start weights)",
+    "lr": "inner step; eta_t = lr / ||phi(k_t)||^2",
+    "decay": "retention alpha",
+    "momentum": "theta of momentum / Muon",
+    "facts": "bAbI qa1 facts hidden in the stream",
+    "questions": "questions asked at uniform positions",
+    "corpus": "distractor text: excerpt (shipped) or full (after `atlas-eqx data fetch`)",
+    "seed": "seed of the stream and the embeddings",
+    "checkpoint_every": "save the carried state every this many calls (0: only at the end)",
+}
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ._config import config_from_args
+    from ._stream import stream_run, stream_sweep, StreamConfig
+
+    config = config_from_args(StreamConfig, args)
+    if args.ten_million:
+        config = dataclasses.replace(config, tokens=10_000_000)
+    if args.sweep:
+        lengths = tuple(args.sweep) + ((10_000_000,) if args.ten_million else ())
+        command = "atlas-eqx stream --sweep " + " ".join(map(str, args.sweep))
+        if args.ten_million:
+            command += " --ten-million"
+        out_dir = args.out_dir or "experiments/results/stream"
+        stream_sweep(
+            lengths, config, out_dir=out_dir, progress=not args.no_progress, command=command
+        )
+        with open(f"{out_dir}/results.md") as file:
+            print(file.read())
+        return 0
+    result = stream_run(
+        config,
+        out_dir=args.out_dir or "runs/stream",
+        resume=not args.no_resume,
+        stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    summary = result.summary()
+    summary["accuracy_by_depth"] = result.accuracy_by_depth(
+        (0, 10**2, 10**3, 10**4, 10**5, 10**6, 10**7)
+    )
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -170,6 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--presets", nargs="+", default=None, help="default: all presets")
     params.add_argument("--configs", nargs="+", default=["340M", "760M"])
     params.set_defaults(run=_params)
+
+    from ._stream import StreamConfig
+
+    stream = commands.add_parser(
+        "stream",
+        help="memory-only streaming over a BABILong-style stream of 1M (or 10M) tokens: "
+        "constant memory, accuracy by fact depth, resumable",
+        description="Stream word tokens of distractor text with hidden bAbI qa1 facts through "
+        "a memory-only Omega-rule memory in chunks with the carried state; answer 'Where is "
+        "X?' questions on the way by reading the memory with the question's key. Rerunning "
+        "with the same --out-dir resumes from the saved state.",
+    )
+    add_config_arguments(stream, StreamConfig, _STREAM_HELP)
+    stream.add_argument("--ten-million", action="store_true", help="stream 10M tokens")
+    stream.add_argument(
+        "--sweep",
+        type=int,
+        nargs="+",
+        default=None,
+        help="lengths to run (e.g. 1000 10000 100000 1000000); writes results.md and "
+        "stream.png to --out-dir (default experiments/results/stream)",
+    )
+    stream.add_argument("--out-dir", default=None, help="run directory (default runs/stream)")
+    stream.add_argument("--no-resume", action="store_true", help="ignore a saved state")
+    stream.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many tokens (resumable)"
+    )
+    stream.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stream.set_defaults(run=_stream)
 
     bench = commands.add_parser(
         "bench",

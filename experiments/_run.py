@@ -12,6 +12,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 import atlas_eqx as ae
 
@@ -55,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     out_dir: str = "runs/train"
+    mesh: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -78,6 +80,21 @@ class TrainConfig:
             raise ValueError(f"`preset_options` is not JSON: {error}") from None
         if not isinstance(options, dict):
             raise ValueError("`preset_options` must be a JSON object of config fields")
+        if self.mesh:
+            try:
+                sizes = ae.parse_mesh(self.mesh)
+            except ValueError as error:
+                raise ValueError(f"`mesh` (--mesh): {error}") from None
+            if self.batch_size % sizes["data"]:
+                raise ValueError(
+                    f"`mesh` (--mesh {self.mesh}): data={sizes['data']} does not divide "
+                    f"`batch_size`={self.batch_size}"
+                )
+            if self.n_heads % sizes["heads"]:
+                raise ValueError(
+                    f"`mesh` (--mesh {self.mesh}): heads={sizes['heads']} does not divide "
+                    f"`n_heads`={self.n_heads}"
+                )
 
     @property
     def model_vocab(self) -> int:
@@ -163,12 +180,37 @@ def _optim(config: TrainConfig) -> OptimConfig:
     )
 
 
-def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, float]:
-    """Train (resuming from the run directory's checkpoint if there is one) and evaluate."""
+def training_mesh(config: TrainConfig) -> Mesh | None:
+    """The device mesh of `config.mesh` (`None` when empty: one device). Raises `SystemExit`
+    naming `--mesh` when the axis sizes do not multiply to `jax.device_count()`."""
+    if not config.mesh:
+        return None
+    try:
+        return ae.make_mesh(config.mesh)
+    except ValueError as error:
+        raise SystemExit(f"--mesh {config.mesh}: {error}") from None
+
+
+def _same_run(saved: dict[str, Any], config: TrainConfig) -> bool:
+    """The mesh is not part of the computed function: a run may resume on another mesh."""
+    current = dataclasses.asdict(config)
+    return {k: v for k, v in saved.items() if k != "mesh"} == {
+        k: v for k, v in current.items() if k != "mesh"
+    }
+
+
+def run_training(
+    config: TrainConfig, *, progress: bool = True, stop_after: int | None = None
+) -> dict[str, float]:
+    """Train (resuming from the run directory's checkpoint if there is one) and evaluate.
+    `stop_after` stops after that many steps in total, as if interrupted (`train`).
+    With `config.mesh` (e.g. `"data=4,heads=2"`) the batch is split over the data axis and
+    the heads over the heads axis (`atlas_eqx.parameter_shardings`)."""
     out = pathlib.Path(config.out_dir)
+    mesh = training_mesh(config)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    if saved.exists() and json.loads(saved.read_text()) != dataclasses.asdict(config):
+    if saved.exists() and not _same_run(json.loads(saved.read_text()), config):
         raise SystemExit(
             f"{out} holds a run with another config; use a new --out-dir or delete {saved}"
         )
@@ -186,6 +228,8 @@ def run_training(config: TrainConfig, *, progress: bool = True) -> dict[str, flo
         checkpoint_every=config.checkpoint_every,
         progress=progress,
         description=f"{config.preset}/{config.task}",
+        mesh=mesh,
+        stop_after=stop_after,
     )
     final = dict(result.evaluations[-1]) if result.evaluations else {}
     final["train_tokens_per_second"] = result.tokens_per_second

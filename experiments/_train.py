@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree, Scalar
 from tqdm.auto import tqdm
+
+import atlas_eqx as ae
 
 
 IGNORE_INDEX = -100
@@ -106,10 +109,14 @@ def batch_loss(model: Callable, inputs: Int[Array, "B T"], targets: Int[Array, "
 
 
 @functools.lru_cache(maxsize=16)
-def make_train_step(optim: OptimConfig, total_steps: int):
+def make_train_step(optim: OptimConfig, total_steps: int, mesh: Mesh | None = None):
     """One jit-compiled step for `make_optimizer(optim, total_steps)`: gradients of
     `batch_loss`, the optax update, and metrics. Cached, so that runs with the same
-    optimizer (a resumed run, a sweep over seeds) reuse the compiled step."""
+    optimizer (a resumed run, a sweep over seeds) reuse the compiled step.
+
+    With a `mesh` (`atlas_eqx.make_mesh`), the step expects its arguments placed by
+    `shard_training_state` and `shard_batch`, and pins the updated parameters and optimizer
+    state to the shardings of `atlas_eqx.parameter_shardings` (data and head parallelism)."""
     optimizer = make_optimizer(optim, total_steps)
 
     @eqx.filter_jit
@@ -122,6 +129,12 @@ def make_train_step(optim: OptimConfig, total_steps: int):
         (loss, (count, correct)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if mesh is not None:
+            param_shardings = ae.parameter_shardings(params, mesh)
+            params = ae.constrain(params, param_shardings)
+            opt_state = ae.constrain(
+                opt_state, ae.optimizer_state_shardings(optimizer, opt_state, param_shardings)
+            )
         metrics = dict(
             loss=loss,
             accuracy=correct / jnp.maximum(count, 1),
@@ -130,6 +143,27 @@ def make_train_step(optim: OptimConfig, total_steps: int):
         return eqx.combine(params, static), opt_state, metrics
 
     return step
+
+
+def shard_training_state(
+    model: PyTree, opt_state: PyTree, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> tuple[PyTree, PyTree]:
+    """Place the model and the optimizer state on `mesh` as `atlas_eqx.parameter_shardings`
+    declares (per-head leaves over `"heads"`, the rest replicated; Adam's moments like their
+    parameters)."""
+    model = ae.shard(model, ae.parameter_shardings(model, mesh))
+    param_shardings = ae.parameter_shardings(eqx.filter(model, eqx.is_inexact_array), mesh)
+    opt_state = ae.shard(
+        opt_state, ae.optimizer_state_shardings(optimizer, opt_state, param_shardings)
+    )
+    return model, opt_state
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> tuple[Array, Array]:
+    """Split `(inputs, targets)` over the mesh's `"data"` axis (first dimension)."""
+    inputs, targets = batch
+    sharding = ae.batch_sharding(mesh, np.ndim(inputs))
+    return ae.shard(jnp.asarray(inputs), sharding), ae.shard(jnp.asarray(targets), sharding)
 
 
 @eqx.filter_jit
@@ -205,6 +239,7 @@ def train(
     progress: bool = True,
     description: str = "train",
     stop_after: int | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train `model` for `steps` optimizer steps on `batch_fn(step)`.
 
@@ -216,6 +251,10 @@ def train(
       `resume=True` an existing checkpoint is loaded and training continues from its step.
     - `stop_after`: stop (after checkpointing) once this many steps are done in total, as if
       interrupted; used to test that resuming gives the same result.
+    - `mesh`: an `atlas_eqx.make_mesh` mesh; batches are split over its `"data"` axis and
+      the memory / attention heads over its `"heads"` axis (`atlas_eqx.parameter_shardings`).
+      The computed function is the same as without a mesh, up to floating-point summation
+      order. A checkpoint written with one mesh resumes on any other (it stores host arrays).
     """
     if steps < 1:
         raise ValueError(f"train: `steps` must be >= 1; got {steps}")
@@ -224,7 +263,9 @@ def train(
     start = 0
     if checkpoint_path is not None and resume and pathlib.Path(checkpoint_path).exists():
         model, opt_state, start = load_checkpoint(checkpoint_path, model, opt_state)
-    step_fn = make_train_step(optim, steps)
+    if mesh is not None:
+        model, opt_state = shard_training_state(model, opt_state, optimizer, mesh)
+    step_fn = make_train_step(optim, steps, mesh)
     log = open(log_path, "a") if log_path is not None else None
     history: list[dict[str, float]] = []
     evaluations: list[dict[str, float]] = []
@@ -250,7 +291,11 @@ def train(
     try:
         for step in bar:
             inputs, targets = batch_fn(step)
-            inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+            if mesh is None:
+                inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
+            else:
+                ae.check_batch(np.shape(inputs)[0], mesh)
+                inputs, targets = shard_batch((inputs, targets), mesh)
             begin = time.perf_counter()
             model, opt_state, metrics = step_fn(model, opt_state, inputs, targets)
             metrics = {name: float(value) for name, value in metrics.items()}

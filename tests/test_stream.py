@@ -1,0 +1,140 @@
+"""`atlas-eqx stream` (issue 9): the BABILong-style stream, the memory-only model's answers,
+resident memory flat in length, and exact resume after an interruption."""
+
+import dataclasses
+import json
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+from experiments._babilong import ACTORS, LOCATIONS, MOVE_VERBS
+from experiments._cli import main as cli
+from experiments._stream import (
+    _distractor_sentences,  # noqa: I001
+    generate_stream,
+    stream_run,
+    stream_sweep,
+    StreamConfig,
+    Vocabulary,
+    words,
+)
+
+
+SMALL = StreamConfig(tokens=4096, call_tokens=512, facts=24, questions=96, checkpoint_every=2)
+MOVES = {tuple(words(verb)) for verb in MOVE_VERBS}
+
+
+def _facts_in(tokens: list[str], subjects: list[str]) -> list[tuple[int, str, str]]:
+    """Every "<actor> <move verb> the <location>" sentence in the stream, found by pattern,
+    as (position of its last word, actor, location)."""
+    actors = {a.lower() for a in ACTORS}
+    found = []
+    for start in range(len(tokens)):
+        if tokens[start] not in actors or (start and subjects[start - 1] == subjects[start]):
+            continue
+        for verb in MOVES:
+            n = len(verb)
+            words_after = tokens[start + 1 : start + n + 3]
+            if (
+                tuple(words_after[:n]) == verb
+                and words_after[n : n + 1] == ["the"]
+                and len(words_after) == n + 2
+                and words_after[n + 1] in LOCATIONS
+            ):
+                found.append((start + n + 2, tokens[start], words_after[n + 1]))
+    return found
+
+
+def test_stream_hides_the_facts_and_questions_have_the_latest_answer():
+    vocab = Vocabulary(_distractor_sentences("excerpt"))
+    calls = list(generate_stream(SMALL, vocab))
+    assert [c.start for c in calls] == list(range(0, SMALL.tokens, SMALL.call_tokens))
+    assert all(len(c.tokens) == SMALL.call_tokens for c in calls)
+    tokens = [vocab.words[i] for c in calls for i in c.tokens]
+    subjects = [vocab.words[i] for c in calls for i in c.subjects]
+    previous = [vocab.words[i] for c in calls for i in c.previous]
+    # Each token's previous word is the one before it in its sentence, "<s>" at a start.
+    for t in range(1, len(tokens)):
+        assert previous[t] == ("<s>" if subjects[t] != subjects[t - 1] else tokens[t - 1]) or (
+            subjects[t] == subjects[t - 1] and previous[t] == "<s>" and tokens[t] == subjects[t]
+        )
+    facts = _facts_in(tokens, subjects)
+    assert len(facts) == SMALL.facts  # all facts hidden, in the first 4096 tokens here
+    questions = [q for c in calls for q in c.questions]
+    assert len(questions) >= SMALL.questions - 8
+    for at, actor, truth, depth in questions:
+        before = [f for f in facts if f[0] <= at and f[1] == actor]
+        assert before, (at, actor)
+        assert (truth, depth) == (before[-1][2], at - before[-1][0])
+        call = calls[at // SMALL.call_tokens]
+        assert vocab.words[call.question_actor[at - call.start]] == actor
+    asked = sum(int((c.question_actor >= 0).sum()) for c in calls)
+    assert asked == len(questions)
+    # Deterministic: the same config gives the same stream.
+    again = list(generate_stream(SMALL, vocab))
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(calls, again, strict=True))
+
+
+def test_the_memory_recalls_recent_facts_far_above_chance():
+    config = dataclasses.replace(SMALL, tokens=16384, call_tokens=2048, facts=256, questions=512)
+    result = stream_run(config, progress=False)
+    recent = result.accuracy_by_depth((0, 100))[0]
+    assert recent[2] >= 50  # questions within 100 tokens of their fact
+    assert recent[3] >= 0.8, recent
+    assert result.accuracy > 1 / 6 + 0.15, result.accuracy
+
+
+def test_resume_after_an_interruption_gives_the_same_final_state(tmp_path):
+    whole = stream_run(SMALL, progress=False)
+    first = stream_run(SMALL, out_dir=tmp_path, stop_after=SMALL.tokens // 2, progress=False)
+    assert not first.finished and first.position == SMALL.tokens // 2
+    resumed = stream_run(SMALL, out_dir=tmp_path, progress=False)
+    assert resumed.finished and resumed.tokens_timed == SMALL.tokens // 2  # only the rest ran
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(whole.state, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(resumed.state, eqx.is_array)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit
+    assert resumed.questions == whole.questions  # answers before and after the stop
+    # A run directory refuses a stream with another config.
+    with pytest.raises(SystemExit, match="another config"):
+        stream_run(dataclasses.replace(SMALL, seed=1), out_dir=tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_resident_memory_is_flat_in_length():
+    config = dataclasses.replace(SMALL, tokens=2**20, call_tokens=4096, questions=256)
+    result = stream_run(config, progress=False)
+    rss = np.array([mb for _, mb in result.rss_mb])
+    assert len(rss) == 256
+    # The allocator grows in steps of tens of MiB at times, but not with the length: over the
+    # second half (512K tokens) RSS stays within 64 MiB of the first half's maximum. Keeping
+    # the reads alone (32 float32 per token) would add 64 MiB over that half, the token ids 2.
+    assert rss[128:].max() - rss[:128].max() < 64, rss.round().tolist()
+
+
+def test_sweep_writes_the_table_and_plot(tmp_path):
+    base = dataclasses.replace(SMALL, facts=8, questions=64)
+    rows = stream_sweep((512, 2048), base, out_dir=tmp_path, min_questions=64, progress=False)
+    assert [r["tokens"] for r in rows] == [512, 2048]
+    assert rows[0]["streams"] >= 2  # short streams are repeated over seeds
+    text = (tmp_path / "results.md").read_text()
+    assert "| 512 |" in text and "| 2,048 |" in text
+    assert (tmp_path / "stream.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][1]["questions"] == rows[1]["questions"]
+
+
+def test_stream_command_and_bad_config(tmp_path, capsys):
+    flags = ["stream", "--tokens", "1024", "--call-tokens", "256", "--facts", "8"]
+    flags += ["--questions", "32", "--no-progress", "--out-dir", str(tmp_path)]
+    assert cli(flags) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tokens"] == 1024 and summary["finished"]
+    with pytest.raises(SystemExit, match="multiple of `chunk_size`"):
+        cli(["stream", "--call-tokens", "100", "--chunk-size", "8"])
+    with pytest.raises(SystemExit, match="`optimizer` must be one of"):
+        cli(["stream", "--optimizer", "adam"])
