@@ -36,7 +36,7 @@ question's key, the actor bound to the word before a location in every fact ("..
 M(\phi(q_t); W_t)$ (read after write). The answer is the location $l$ (of the six) whose value
 embedding $E_v[l]$ has the largest cosine with $y_t$; chance is 1/6. This query encoding is
 hand-made (a trained model would learn its projections); it is the same for every length.
-Question positions are drawn uniformly over the stream; each asks about a random actor who
+Question positions are drawn uniformly over the stream (repeats merged); each asks about a random actor who
 has moved by then; the truth is that actor's latest move. **Depth** = tokens between the
 last word of that supporting fact and the question.
 
@@ -212,7 +212,7 @@ def generate_stream(config: StreamConfig, vocab: Vocabulary | None = None) -> It
     fact_positions = np.sort(rng.integers(0, config.tokens, size=config.facts))
     facts = _fact_chain(config.facts, int(rng.integers(2**31)))
     fact_ids = [np.asarray(vocab.ids(f[2]), np.int32) for f in facts]
-    question_positions = np.sort(rng.integers(0, config.tokens, size=config.questions))
+    question_positions = np.unique(rng.integers(0, config.tokens, size=config.questions))
     question_rng = np.random.default_rng((config.seed, 1))
     sentence = int(rng.integers(len(ids)))
     next_fact = next_question = 0
@@ -573,11 +573,13 @@ def stream_sweep(
     *,
     out_dir: str | pathlib.Path = "experiments/results/stream",
     min_questions: int = 1024,
+    repeat_budget: int = 200_000,
     progress: bool = True,
     command: str = "",
 ) -> list[dict[str, Any]]:
     """`stream_run` at each length (seeds `base.seed`, `base.seed + 1`, ... until
-    `min_questions` questions are answered, so that short streams get several), then
+    `min_questions` questions are answered or the streams of that length reach
+    `repeat_budget` tokens, so that short streams get several and long ones one), then
     `results.md` (accuracy, accuracy by depth, tokens/s, resident memory) and `stream.png`."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -586,7 +588,10 @@ def stream_sweep(
     for length in lengths:
         results = []
         seed = base.seed
-        while not results or sum(len(r.questions) for r in results) < min_questions:
+        while not results or (
+            sum(len(r.questions) for r in results) < min_questions
+            and len(results) * length < repeat_budget
+        ):
             results.append(stream_run(_sweep_config(base, length, seed), progress=progress))
             seed += 1
         answered = [q for r in results for q in r.questions]

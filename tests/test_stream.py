@@ -26,13 +26,13 @@ SMALL = StreamConfig(tokens=4096, call_tokens=512, facts=24, questions=96, check
 MOVES = {tuple(words(verb)) for verb in MOVE_VERBS}
 
 
-def _facts_in(tokens: list[str], subjects: list[str]) -> list[tuple[int, str, str]]:
+def _facts_in(tokens: list[str], previous: list[str]) -> list[tuple[int, str, str]]:
     """Every "<actor> <move verb> the <location>" sentence in the stream, found by pattern,
     as (position of its last word, actor, location)."""
     actors = {a.lower() for a in ACTORS}
     found = []
     for start in range(len(tokens)):
-        if tokens[start] not in actors or (start and subjects[start - 1] == subjects[start]):
+        if tokens[start] not in actors or previous[start] != "<s>":
             continue
         for verb in MOVES:
             n = len(verb)
@@ -55,15 +55,18 @@ def test_stream_hides_the_facts_and_questions_have_the_latest_answer():
     tokens = [vocab.words[i] for c in calls for i in c.tokens]
     subjects = [vocab.words[i] for c in calls for i in c.subjects]
     previous = [vocab.words[i] for c in calls for i in c.previous]
-    # Each token's previous word is the one before it in its sentence, "<s>" at a start.
-    for t in range(1, len(tokens)):
-        assert previous[t] == ("<s>" if subjects[t] != subjects[t - 1] else tokens[t - 1]) or (
-            subjects[t] == subjects[t - 1] and previous[t] == "<s>" and tokens[t] == subjects[t]
-        )
-    facts = _facts_in(tokens, subjects)
+    # Sentences start where the previous word is "<s>"; inside one, every token's subject is
+    # its first word and its previous word the token before it.
+    starts = [t for t in range(len(tokens)) if previous[t] == "<s>"]
+    assert starts[0] == 0 and len(starts) > 100
+    for begin, end in zip(starts, starts[1:] + [len(tokens)], strict=True):
+        assert set(subjects[begin:end]) == {tokens[begin]}
+        assert previous[begin + 1 : end] == tokens[begin : end - 1]
+    facts = _facts_in(tokens, previous)
     assert len(facts) == SMALL.facts  # all facts hidden, in the first 4096 tokens here
     questions = [q for c in calls for q in c.questions]
-    assert len(questions) >= SMALL.questions - 8
+    positions = [q[0] for q in questions]
+    assert len(set(positions)) == len(positions) >= SMALL.questions - 12
     for at, actor, truth, depth in questions:
         before = [f for f in facts if f[0] <= at and f[1] == actor]
         assert before, (at, actor)
