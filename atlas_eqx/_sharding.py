@@ -12,9 +12,10 @@ devices (`make_mesh({"data": 4, "heads": 2})`, or the string `"data=4,heads=2"`)
   holds whole heads: the rows of the q, k, v and output-gate projections (`(H * d_h,
   d_model)`, head-major), the columns of the output projection, the gates' rows, the stacked
   memories $W_0^{(h)}$ and feature-map coefficients, and the per-head norm scales. The memory
-  scan runs per head (`vmap` over heads), so each device scans only its own heads; the only
-  communication is the all-reduce after the output projection (Megatron's row-parallel
-  layer) and the gradient reductions. What has no head axis is replicated: the embedding,
+  scan runs per head (`vmap` over heads), so each device can scan only its own heads, and the
+  layout asks for one all-reduce after the output projection (Megatron's row-parallel layer)
+  plus the gradient reductions; which collectives run is XLA's partitioner's choice (GSPMD),
+  not checked here. What has no head axis is replicated: the embedding,
   the SwiGLU MLPs, the norms, the short convolution's weights (its channels are q, k, v
   concatenated, not head-major) and MAG/MAL's own mixing weights.
 

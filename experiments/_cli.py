@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import shlex
+import sys
 from collections.abc import Sequence
 
 
@@ -131,16 +133,23 @@ def _stream(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ._config import config_from_args
-    from ._stream import stream_run, stream_sweep, StreamConfig
+    from ._stream import stream_compare, stream_run, stream_sweep, StreamConfig
 
     config = config_from_args(StreamConfig, args)
     if args.ten_million:
         config = dataclasses.replace(config, tokens=10_000_000)
+    if args.compare:
+        command = "atlas-eqx " + shlex.join(args.argv)
+        out_dir = args.out_dir or "experiments/results/stream"
+        stream_compare(
+            args.compare, config, out_dir=out_dir, progress=not args.no_progress, command=command
+        )
+        with open(f"{out_dir}/variants.md") as file:
+            print(file.read())
+        return 0
     if args.sweep:
         lengths = tuple(args.sweep) + ((10_000_000,) if args.ten_million else ())
-        command = "atlas-eqx stream --sweep " + " ".join(map(str, args.sweep))
-        if args.ten_million:
-            command += " --ten-million"
+        command = "atlas-eqx " + shlex.join(args.argv)
         out_dir = args.out_dir or "experiments/results/stream"
         stream_sweep(
             lengths, config, out_dir=out_dir, progress=not args.no_progress, command=command
@@ -250,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="lengths to run (e.g. 1000 10000 100000 1000000); writes results.md and "
         "stream.png to --out-dir (default experiments/results/stream)",
     )
+    stream.add_argument(
+        "--compare",
+        type=int,
+        default=None,
+        help="run every memory / optimizer variant on one stream of this many tokens; "
+        "writes variants.md to --out-dir (default experiments/results/stream)",
+    )
     stream.add_argument("--out-dir", default=None, help="run directory (default runs/stream)")
     stream.add_argument("--no-resume", action="store_true", help="ignore a saved state")
     stream.add_argument(
@@ -293,4 +309,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.run(args)

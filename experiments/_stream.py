@@ -678,6 +678,7 @@ def _plot(rows, by_depth, path: pathlib.Path) -> None:
     axes[0].legend()
     axes[1].plot(tokens, [r["tokens_per_second"] for r in rows], "o-")
     axes[1].set(xscale="log", xlabel="stream length (tokens)", ylabel="tokens / s")
+    axes[1].set_ylim(0, max(r["tokens_per_second"] for r in rows) * 1.2)
     twin = axes[1].twinx()
     twin.plot(tokens, [r["rss_max_mb"] for r in rows], "s--", color="C1")
     twin.set_ylabel("max RSS (MiB)", color="C1")
@@ -689,3 +690,68 @@ def _plot(rows, by_depth, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "linear + GD (default)": {},
+    "linear + momentum": dict(optimizer="momentum", lr=0.05),
+    "linear + Muon per chunk": dict(optimizer="muon_per_chunk", lr=0.05),
+    "MLP + GD": dict(memory="mlp"),
+    "MLP + Muon per chunk (ATLAS's memory)": dict(
+        memory="mlp", optimizer="muon_per_chunk", lr=0.02
+    ),
+}
+"""Memory and inner-optimizer variants compared by `stream_compare` (step sizes picked by a
+few trial runs of 32K tokens each; larger ones diverged or fell to chance)."""
+
+
+def stream_compare(
+    length: int,
+    base: StreamConfig = StreamConfig(),
+    *,
+    variants: dict[str, dict[str, Any]] | None = None,
+    out_dir: str | pathlib.Path = "experiments/results/stream",
+    progress: bool = True,
+    command: str = "",
+) -> list[dict[str, Any]]:
+    """One stream of `length` tokens (the same stream and questions) per variant of
+    `VARIANTS`; writes `variants.md` (accuracy, accuracy by depth, tokens/s, RSS)."""
+    variants = VARIANTS if variants is None else variants
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, overrides in variants.items():
+        config = dataclasses.replace(_sweep_config(base, length, base.seed), **overrides)
+        result = stream_run(config, progress=progress)
+        rows.append(dict(name=name, config=config, result=result))
+    edges = (0, 10**2, 10**3, 10**4, 10**5)
+    lines = [
+        f"# Memory variants on one {length:,}-token stream",
+        "",
+        f"The same stream, facts ({base.facts}) and questions for every variant; polynomial "
+        f"phi (degree 2), dim {base.dim}, c = {base.window}, b = {base.chunk_size}; chance "
+        "1/6. tokens/s is end-to-end on a shared 2-core CPU.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| variant | lr | questions | accuracy | "
+        + " | ".join(
+            f"depth [{lo:,}, {hi:,})" for lo, hi in zip(edges[:-1], edges[1:], strict=True)
+        )
+        + " | tokens/s | max RSS MiB |",
+        "|---|---|---|---|" + "---|" * (len(edges) - 1) + "---|---|",
+    ]
+    for row in rows:
+        result, config = row["result"], row["config"]
+        bins = result.accuracy_by_depth(edges)
+        cells = " | ".join(f"{a:.2f} (n={n})" if n else "-" for *_, n, a in bins)
+        lines.append(
+            f"| {row['name']} | {config.lr} | {len(result.questions)} | {result.accuracy:.3f} "
+            f"| {cells} | {result.tokens_per_second:,.0f} | "
+            f"{max(mb for _, mb in result.rss_mb):.0f} |"
+        )
+    lines.append("")
+    (out / "variants.md").write_text("\n".join(lines))
+    return [dict(name=r["name"], **r["result"].summary()) for r in rows]

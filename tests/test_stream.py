@@ -14,6 +14,7 @@ from experiments._cli import main as cli
 from experiments._stream import (
     _distractor_sentences,  # noqa: I001
     generate_stream,
+    stream_compare,
     stream_run,
     stream_sweep,
     StreamConfig,
@@ -129,6 +130,12 @@ def test_sweep_writes_the_table_and_plot(tmp_path):
     assert (tmp_path / "stream.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"][1]["questions"] == rows[1]["questions"]
+    variants = {"gd": {}, "momentum": dict(optimizer="momentum", lr=0.05)}
+    summaries = stream_compare(1024, base, variants=variants, out_dir=tmp_path, progress=False)
+    assert [s["name"] for s in summaries] == ["gd", "momentum"]
+    assert summaries[0]["questions"] == summaries[1]["questions"]  # the same questions
+    table = (tmp_path / "variants.md").read_text()
+    assert "| gd | 0.1 |" in table and "| momentum | 0.05 |" in table
 
 
 def test_stream_command_and_bad_config(tmp_path, capsys):
