@@ -14,8 +14,10 @@ devices (`make_mesh({"data": 4, "heads": 2})`, or the string `"data=4,heads=2"`)
   memories $W_0^{(h)}$ and feature-map coefficients, and the per-head norm scales. The memory
   scan runs per head (`vmap` over heads), so each device can scan only its own heads, and the
   layout asks for one all-reduce after the output projection (Megatron's row-parallel layer)
-  plus the gradient reductions; which collectives run is XLA's partitioner's choice (GSPMD),
-  not checked here. What has no head axis is replicated: the embedding,
+  plus the gradient reductions; which collectives run is XLA's partitioner's choice (GSPMD):
+  for `atlas` on `data=4,heads=2` it also inserts all-to-alls and permutes around the
+  q/k/v layout, while the stacked memories appear in the compiled program only at their
+  per-device shape (`tests/test_sharding.py`). What has no head axis is replicated: the embedding,
   the SwiGLU MLPs, the norms, the short convolution's weights (its channels are q, k, v
   concatenated, not head-major) and MAG/MAL's own mixing weights.
 

@@ -106,6 +106,31 @@ def _placement(tree: Any, mesh: Any) -> dict[str, Any]:
     )
 
 
+def _atlas_program(inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """Shapes and collectives in the compiled loss and gradients of `atlas` on data=4,heads=2:
+    whether the stacked memory weights appear at their full (4 heads) or per-device (2 heads)
+    shape."""
+    import re
+
+    model = _model("atlas")
+    mesh = ae.make_mesh("data=4,heads=2")
+    sharded = ae.shard(model, ae.parameter_shardings(model, mesh))
+    x, y = shard_batch((inputs, targets), mesh)
+    compiled: Any = _loss_and_grads.lower(sharded, x, y).compile()
+    text = compiled.compiled.as_text()
+    weight = jax.tree.leaves(model.blocks[0].mixer.memory)[0]  # (4, hidden, features)
+    full = "f64[" + ",".join(map(str, weight.shape)) + "]"
+    shard = "f64[" + ",".join(map(str, (weight.shape[0] // 2, *weight.shape[1:]))) + "]"
+    return dict(
+        full_shape_in_program=full in text,
+        shard_shape_in_program=shard in text,
+        collectives={
+            op: len(re.findall(op + r"\(", text))
+            for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute")
+        },
+    )
+
+
 def _cli_runs() -> dict[str, Any]:
     """`atlas-eqx train` with and without `--mesh data=4,heads=2`, and a run interrupted on
     one mesh (data=8) and resumed from its checkpoint on another (data=2,heads=4): the final
@@ -205,6 +230,7 @@ def main() -> None:
         ae.parameter_shardings(_model("atlas"), ae.make_mesh("data=1,heads=8"))
     except ValueError as error:
         out["bad_heads"] = str(error)
+    out["atlas_program"] = _atlas_program(inputs, targets)
     out["cli"] = _cli_runs()
     json.dump(out, sys.stdout)
 

@@ -86,6 +86,16 @@ def test_parameters_and_optimizer_state_are_sharded_as_declared(worker):
     assert atlas["memory_leaf"]["shape"][0] == 4  # the memories are stacked over 4 heads
 
 
+def test_each_device_holds_only_its_own_heads_memories(worker):
+    """In the compiled sharded program the stacked memory weights of `atlas` (4 heads) appear
+    only at their per-device shape (2 heads on heads=2): no device gathers all the memories,
+    so each scans its own heads. The partitioner's collectives are recorded, not fixed."""
+    program = worker["atlas_program"]
+    assert program["shard_shape_in_program"]
+    assert not program["full_shape_in_program"]
+    assert program["collectives"]["all-reduce"] >= 1  # the gradient and output reductions
+
+
 def test_train_command_with_mesh_equals_one_device(worker):
     single, mesh, resumed = (worker["cli"][k] for k in ("single", "mesh", "resumed"))
     for other in (mesh, resumed):
