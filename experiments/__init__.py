@@ -28,6 +28,13 @@ from ._mad import (
 )
 from ._mqar import multiquery_ar as multiquery_ar
 from ._niah import s_niah as s_niah, string_match_all as string_match_all
+from ._stream import (
+    stream_compare as stream_compare,
+    stream_run as stream_run,
+    stream_sweep as stream_sweep,
+    StreamConfig as StreamConfig,
+    StreamResult as StreamResult,
+)
 from ._tasks import (
     decode_tokens as decode_tokens,
     encode_text as encode_text,

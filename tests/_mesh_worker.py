@@ -116,9 +116,10 @@ def _atlas_program(inputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
     mesh = ae.make_mesh("data=4,heads=2")
     sharded = ae.shard(model, ae.parameter_shardings(model, mesh))
     x, y = shard_batch((inputs, targets), mesh)
-    compiled: Any = _loss_and_grads.lower(sharded, x, y).compile()
+    compiled: Any = cast(Any, _loss_and_grads).lower(sharded, x, y).compile()
     text = compiled.compiled.as_text()
-    weight = jax.tree.leaves(model.blocks[0].mixer.memory)[0]  # (4, hidden, features)
+    mixer: Any = model.blocks[0].mixer
+    weight = jax.tree.leaves(mixer.memory)[0]  # (4, hidden, features)
     full = "f64[" + ",".join(map(str, weight.shape)) + "]"
     shard = "f64[" + ",".join(map(str, (weight.shape[0] // 2, *weight.shape[1:]))) + "]"
     return dict(
