@@ -467,7 +467,8 @@ def stream_run(
       answers so far) and `config.json` go; with `resume=True` an existing checkpoint of the
       same config is continued.
     - `stop_after`: stop (and checkpoint) after the call that reaches this many tokens, as if
-      interrupted.
+      interrupted. A real interruption (Ctrl-C, `KeyboardInterrupt`) saves the last complete
+      call before it propagates.
 
     Returns the answers `(position, actor, truth, depth, correct)`, end-to-end tokens/s
     (stream generation, transfer and scan; compilation is done before the clock starts),
@@ -512,6 +513,7 @@ def stream_run(
     # Compile before timing: one call on zeros, whose result is discarded.
     zeros = jnp.zeros(config.call_tokens, jnp.int32)
     jax.block_until_ready(step(model, state, zeros, zeros, zeros, zeros - 1))
+    committed = (state, start, len(questions))
     clock = time.perf_counter()
     try:
         for call in generate_stream(config, vocab):
@@ -519,7 +521,7 @@ def stream_run(
                 continue
             if position >= end:
                 break
-            answers, state = step(
+            answers, new_state = step(
                 model,
                 state,
                 jnp.asarray(call.tokens),
@@ -529,10 +531,13 @@ def stream_run(
             )
             answers = np.asarray(answers)
             calls_done += 1
-            for at, actor, truth, depth in call.questions:
-                guess = location_names[int(answers[at - call.start])]
-                questions.append((at, actor, truth, depth, guess == truth))
-            position = call.start + len(call.tokens)
+            questions.extend(
+                (at, actor, truth, depth, location_names[int(answers[at - call.start])] == truth)
+                for at, actor, truth, depth in call.questions
+            )
+            # One assignment commits the call: an interrupt before it loses only this call.
+            committed = (new_state, call.start + len(call.tokens), len(questions))
+            state, position = committed[0], committed[1]
             timed += min(position, config.tokens) - call.start
             rss.append((min(position, config.tokens), resident_mb()))
             bar.update(min(position, config.tokens) - bar.n)
@@ -543,6 +548,14 @@ def stream_run(
             checkpoint = config.checkpoint_every and calls_done % config.checkpoint_every == 0
             if path is not None and (checkpoint or position >= end):
                 _save(path, state, dict(position=position, questions=questions, rss_mb=rss))
+    except KeyboardInterrupt:
+        if path is not None and committed[1] > start:  # save the last complete call, then stop
+            state, position, count = committed
+            kept_rss = [r for r in rss if r[0] <= position]
+            _save(
+                path, state, dict(position=position, questions=questions[:count], rss_mb=kept_rss)
+            )
+        raise
     finally:
         seconds = time.perf_counter() - clock
         bar.close()

@@ -108,6 +108,30 @@ def test_resume_after_an_interruption_gives_the_same_final_state(tmp_path):
         stream_run(dataclasses.replace(SMALL, seed=1), out_dir=tmp_path, progress=False)
 
 
+def test_ctrl_c_saves_the_last_complete_call_and_resumes_exactly(tmp_path, monkeypatch):
+    whole = stream_run(SMALL, progress=False)
+    import experiments._stream as module
+
+    calls = []
+    original = module.resident_mb
+
+    def interrupt_on_the_fifth_call() -> float:  # runs after a call is committed
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original()
+
+    monkeypatch.setattr(module, "resident_mb", interrupt_on_the_fifth_call)
+    with pytest.raises(KeyboardInterrupt):
+        stream_run(SMALL, out_dir=tmp_path, progress=False)
+    monkeypatch.setattr(module, "resident_mb", original)
+    resumed = stream_run(SMALL, out_dir=tmp_path, progress=False)
+    assert resumed.tokens_timed == SMALL.tokens - 5 * SMALL.call_tokens  # calls 6.. ran
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.questions == whole.questions
+
+
 @pytest.mark.slow
 def test_resident_memory_is_flat_in_length():
     config = dataclasses.replace(SMALL, tokens=2**20, call_tokens=4096, questions=256)
