@@ -13,6 +13,7 @@ Both use the library's own memories and update rules (`atlas_eqx.omega_scan` wit
 """
 
 import dataclasses
+import itertools
 import math
 import pathlib
 import resource
@@ -224,6 +225,24 @@ def _online_reads(fn, memory, probes, piece: int) -> np.ndarray:
     return y[:, probes[0].read_positions]
 
 
+def _features64(feature_map, keys: np.ndarray) -> np.ndarray:
+    """phi(keys) in float64 (in numpy for the polynomial maps, so that it does not depend on
+    whether JAX runs with 64-bit floats)."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if isinstance(feature_map, fm.Identity):
+        return keys
+    degree = feature_map.degree
+    blocks = [np.ones((keys.shape[0], 1))]
+    for i in range(1, degree + 1):
+        for combo in itertools.combinations_with_replacement(range(keys.shape[1]), i):
+            counts = np.bincount(combo, minlength=keys.shape[1])
+            multinomial = math.factorial(i) / np.prod([math.factorial(c) for c in counts])
+            coefficient = 1.0 / math.factorial(i)  # a_i = 1/i!
+            monomial = np.prod(keys[:, list(combo)], axis=1, keepdims=True)
+            blocks.append(np.sqrt(coefficient * multinomial) * monomial)
+    return np.concatenate(blocks, axis=1)
+
+
 def run_capacity(config: CapacityConfig = CapacityConfig()) -> dict:
     """Measure the pairs stored and recalled; returns nested lists of per-seed counts.
 
@@ -253,13 +272,23 @@ def run_capacity(config: CapacityConfig = CapacityConfig()) -> dict:
                 )
                 for s in seeds
             ]
+            # Least squares in float64 (the same pairs: the generator draws in float64): with
+            # float32 unit keys the sphere relation holds only to 1e-7 and lstsq would exploit
+            # the rounding to "interpolate" beyond the rank.
             gaussian = [
-                capacity_probe(n, config.key_dim, config.value_dim, seed=s, keys="gaussian")
+                capacity_probe(
+                    n, config.key_dim, config.value_dim, seed=s, keys="gaussian", dtype=np.float64
+                )
+                for s in seeds
+            ]
+            one64 = [
+                capacity_probe(
+                    n, config.key_dim, config.value_dim, seed=s, keys="unit", dtype=np.float64
+                )
                 for s in seeds
             ]
             gaussian_reads = [
-                least_squares_reads(np.asarray(feature_map(jnp.asarray(p.keys))), p.values)
-                for p in gaussian
+                least_squares_reads(_features64(feature_map, p.keys), p.values) for p in gaussian
             ]
             for probe, y in zip(gaussian, gaussian_reads, strict=True):
                 score = capacity_recall(y, probe)
@@ -271,10 +300,7 @@ def run_capacity(config: CapacityConfig = CapacityConfig()) -> dict:
                 cell["relative_mse"].append(score.relative_mse)
             reads = {
                 "least_squares": np.stack(
-                    [
-                        least_squares_reads(np.asarray(feature_map(jnp.asarray(p.keys))), p.values)
-                        for p in one
-                    ]
+                    [least_squares_reads(_features64(feature_map, p.keys), p.values) for p in one64]
                 ),
                 "delta_1": _online_reads(fns["delta_1"], memory, one, config.piece),
                 "delta_E": _online_reads(fns["delta_E"], memory, many, config.piece),
@@ -457,9 +483,15 @@ def _capacity_against_paper(config, results, summary, bounds, sphere) -> list[st
             f"{summary[(p, 'least_squares')][1] / base:.1f}x ({_MAP_NAMES[p]})"
             for p in config.degrees
         )
-        + " the pairs of the identity map; the one-pass delta rule "
+        + " the pairs of the identity map (exactly); by the nearest-value criterion the "
+        f"delta rule with {config.passes} passes recalls "
         + ", ".join(
-            f"{summary[(p, 'delta_1')][1] / max(summary[(1, 'delta_1')][1], 1e-9):.1f}x"
+            f"{summary[(p, 'delta_E')][3] / max(summary[(1, 'delta_E')][3], 1e-9):.1f}x"
+            for p in config.degrees
+        )
+        + " and with one pass "
+        + ", ".join(
+            f"{summary[(p, 'delta_1')][3] / max(summary[(1, 'delta_1')][3], 1e-9):.1f}x"
             for p in config.degrees
         )
         + ". A capacity probe cannot test the perplexity itself |"
@@ -477,9 +509,10 @@ def _capacity_against_paper(config, results, summary, bounds, sphere) -> list[st
         lines.append(
             f"- {_MAP_NAMES[p]}: the online delta rule stores far fewer pairs than the bound: "
             f"at most {d1:.1f} after one pass, {de:.1f} after {config.passes} passes "
-            f"(the bound on the sphere is {sphere[p]}). Kaczmarz sweeps converge slowly when "
-            "N nears the feature rank (the features are ill-conditioned), so the bound is a "
-            "statement about the best memory, not about one pass of the rule."
+            f"(the bound on the sphere is {sphere[p]}): each write disturbs the earlier pairs "
+            "whose features are not orthogonal to it, and repeated sweeps (Kaczmarz) converge "
+            "at a rate set by the smallest singular values of the features. The bound is a "
+            "statement about the best memory, not about what one or a few passes store."
         )
         near_max = summary[(p, "least_squares")][3]
         if near_max > sphere[p]:
@@ -681,6 +714,28 @@ def haystack_keys_values(
     return keys, values
 
 
+def needle_outside_span(
+    memory: ProbeMemory,
+    tables: _ProbeTables,
+    kind: str,
+    needle_keys: Float[np.ndarray, "E d_k"],
+) -> Float[np.ndarray, " E"]:
+    r"""$\rho = \|(I - P)\phi(k_{needle})\|^2 / \|\phi(k_{needle})\|^2$, with $P$ the
+    projection onto the span of the features of every haystack key of the cycled text.
+
+    A delta-rule write of a haystack token changes $W$ only along its own $\phi(k_t)$, so
+    only the part $(I - P)\phi(k_{needle})$ of the needle's write is safe from the haystack.
+    """
+    text = jnp.asarray(haystack_bytes(kind))
+    keys, _ = haystack_keys_values(tables, text, jnp.arange(text.shape[0]), jnp.asarray(0))
+    features = np.asarray(memory.feature_map(keys), dtype=np.float64)
+    _, singular, vt = np.linalg.svd(features, full_matrices=False)
+    basis = vt[singular > 1e-5 * singular[0]]
+    needle = np.asarray(memory.feature_map(jnp.asarray(needle_keys)), dtype=np.float64)
+    inside = ((needle @ basis.T) ** 2).sum(axis=1)
+    return np.clip(1.0 - inside / (needle**2).sum(axis=1), 0.0, 1.0)
+
+
 def _probe_fns(memory: ProbeMemory, lin: ae.LinearMemory, tables, text, size: int):
     phi, c = memory.feature_map, memory.window
     hebbian = memory.objective is ae.dot
@@ -801,6 +856,9 @@ def run_niah_probe(
                     "peak_rss_mib": _rss_mib(),
                     "rss_mib": _current_rss_mib(),
                     "state_floats": _state_floats(jax.tree.map(lambda x: x[0], state0)),
+                    "outside_span": float(
+                        np.mean(needle_outside_span(memory, tables, kind, np.asarray(keys)))
+                    ),
                 }
                 records.append(record)
                 if progress:
@@ -849,16 +907,21 @@ def _format_niah(config: NiahProbeConfig, records: list[dict], command: str, qui
         "",
         "## Accuracy (%) against length T",
         "",
-        "| haystack | memory | state floats | "
+        "rho = the mean fraction of $\\|\\phi(k_{needle})\\|^2$ outside the span of the "
+        "haystack's features (`needle_outside_span`; measured on the longest run's needles): "
+        "only that part of the needle's write is safe from haystack writes of the delta "
+        "rule.",
+        "",
+        "| haystack | memory | state floats | rho | "
         + " | ".join(_fmt_length(t) for t in lengths)
         + " |",
-        "|---|---|---|" + "---|" * len(lengths),
+        "|---|---|---|---|" + "---|" * len(lengths),
     ]
     for h in hays:
         for n in names:
             row = [by[(h, n, t)] for t in lengths]
             lines.append(
-                f"| {h} | {n} | {row[0]['state_floats']:,} | "
+                f"| {h} | {n} | {row[0]['state_floats']:,} | {row[-1]['outside_span']:.3f} | "
                 + " | ".join(f"{100 * r['accuracy']:.1f}" for r in row)
                 + " |"
             )
@@ -950,17 +1013,19 @@ def _niah_against_paper(config, records, by, names, hays) -> list[str]:
         + ", ".join(f"{r['haystack']}/{r['memory']} {r['tokens_per_s']:,.0f} tok/s" for r in long)
         + ".",
         "",
-        "Reading: a delta-rule memory keeps the needle only in the part of "
-        "$\\phi(k_{needle})$ outside the span of the haystack's features, since every haystack "
-        "write changes $W$ only along its own $\\phi(k_t)$. With the identity map "
-        f"(d_k = {config.key_dim}) the haystack spans everything, so the needle is overwritten; "
-        "with the Taylor-initialised polynomial map the constant and linear terms carry most "
-        "of the feature norm (2 of 2.5 for a unit key) and lie in that span too, so the "
-        "polynomial map helps little; putting the norm on the degree-2 block leaves most of "
-        "the needle outside the span of the 80 noise contexts. The essay haystack has more "
-        "distinct contexts than any of these feature dimensions, so there every memory "
-        "eventually loses the needle. Hebbian linear attention adds every haystack value on "
-        "top of the needle and has no way to forget, so its read is dominated by the haystack.",
+        "Reading: a delta-rule write of a haystack token changes $W$ only along its own "
+        "$\\phi(k_t)$, so the needle survives a long haystack only through the part of "
+        "$\\phi(k_{needle})$ outside the span of the haystack's features (rho above). With "
+        f"the identity map (d_k = {config.key_dim}) the haystack spans every direction (rho = "
+        "0). The Taylor-initialised polynomial map puts 2 of the 2.5 units of "
+        "$\\|\\phi(k)\\|^2$ of a unit key on the constant and linear terms, which the "
+        "haystack spans as well, so it gains little over the identity; the variant whose norm "
+        "sits on the degree-2 block keeps a larger rho on the noise haystack. The essay "
+        "haystack has more distinct contexts than any of these feature dimensions (rho = 0 "
+        "for all). Hebbian linear attention never subtracts: every haystack write adds "
+        "$v_t\\phi(k_t)^\\top$ on top of the needle. Unlike the paper's models, nothing here "
+        "learns to gate out haystack writes or to shape keys, which is how trained DeltaNet "
+        "and Atlas reach their S-NIAH-PK scores.",
         "",
     ]
     return lines

@@ -16,6 +16,7 @@ from experiments._cli import main
 from experiments._results import RESULTS
 from experiments._results_probes import (
     _capacity_stream_fn,
+    _features64,
     _online_reads,
     capacity_feature_map,
     distinct_contexts,
@@ -89,6 +90,10 @@ def test_unit_keys_span_the_polynomials_on_the_sphere():
         unit = gaussian / np.linalg.norm(gaussian, axis=1, keepdims=True)
         assert np.linalg.matrix_rank(np.asarray(phi(jnp.asarray(gaussian)))) == feature_dim(d, p)
         assert np.linalg.matrix_rank(np.asarray(phi(jnp.asarray(unit)))) == sphere_feature_dim(d, p)
+        # the float64 NumPy features used for the least-squares rows = the library's map
+        np.testing.assert_allclose(
+            _features64(phi, unit), np.asarray(phi(jnp.asarray(unit))), atol=1e-14
+        )
 
 
 @pytest.mark.parametrize("degree", [2, 3])
