@@ -175,7 +175,7 @@ class CapacityConfig:
 
 
 QUICK_CAPACITY = CapacityConfig(
-    key_dim=3, value_dim=8, num_pairs=(3, 4, 9, 10, 11, 16, 17, 20, 21), seeds=2, passes=3, piece=64
+    key_dim=3, value_dim=8, num_pairs=(3, 4, 9, 10, 11), degrees=(1, 2), seeds=1, passes=2, piece=16
 )
 
 
@@ -611,9 +611,13 @@ class NiahProbeConfig:
     codebook: int = 256
     piece: int = 4096
     seed: int = 0
+    memories: tuple[str, ...] | None = None  # names of `probe_memories()`; None: all
+    haystacks: tuple[str, ...] = ("noise", "essay")
 
 
-QUICK_NIAH = NiahProbeConfig(lengths=(256, 512), examples=2, piece=256)
+QUICK_NIAH = NiahProbeConfig(
+    lengths=(256,), examples=2, piece=256, memories=("deltanet",), haystacks=("noise",)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -851,6 +855,7 @@ def run_niah_probe(
                     "memory": memory.name,
                     "length": length,
                     "accuracy": float(np.mean(predicted == answers)),
+                    "correct": [bool(c) for c in predicted == answers],
                     "tokens_per_s": e * length / seconds,
                     "seconds": seconds,
                     "peak_rss_mib": _rss_mib(),
@@ -1071,7 +1076,10 @@ def niah_probe_result(out_dir: pathlib.Path, *, quick: bool = False) -> str:
     config = QUICK_NIAH if quick else NiahProbeConfig()
     command = "atlas-eqx results niah-probe" + (" --quick" if quick else "")
     start = time.perf_counter()
-    records = run_niah_probe(config, progress=not quick)
+    memories = probe_memories()
+    if config.memories is not None:
+        memories = tuple(m for m in memories if m.name in config.memories)
+    records = run_niah_probe(config, memories, config.haystacks, progress=not quick)
     markdown = _format_niah(config, records, command, quick)
     markdown += (
         f"\nWall time of this run: {time.perf_counter() - start:.0f} s ({jax.default_backend()}).\n"
