@@ -540,7 +540,7 @@ def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) ->
         "hebbian": ":",
     }
     colours = {1: "tab:blue", 2: "tab:orange", 3: "tab:green"}
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(14, 4.8), sharey=True)
     for axis, kind, title in (
         (axes[0], "exact", f"stored exactly (rel. error <= {config.tolerance:.2g})"),
         (axes[1], "nearest", "nearest stored value is the right one"),
@@ -560,7 +560,6 @@ def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) ->
                     ls=styles[rule],
                     lw=1.2,
                     capsize=2,
-                    label=f"{_MAP_NAMES[p]}, {rules[rule]}" if kind == "exact" else None,
                 )
         axis.set_xscale("log", base=2)
         axis.set_yscale("log", base=2)
@@ -568,13 +567,27 @@ def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) ->
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("pairs recalled (mean ± std over seeds; 0 drawn at 0.5)")
-    axes[0].legend(fontsize=6, loc="upper left")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="grey", lw=0.8, label="all N recalled")]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color=colours[p],
+            lw=2,
+            label=f"{_MAP_NAMES[p]} (bound {feature_dim(config.key_dim, p)})",
+        )
+        for p in config.degrees
+    ]
+    handles += [Line2D([], [], color="black", ls=styles[r], label=rules[r]) for r in CAPACITY_RULES]
+    figure.legend(handles=handles, loc="center right", fontsize=7)
     figure.suptitle(
         f"Capacity at d_k = {config.key_dim}: thin horizontal lines are the bounds dim phi = "
         + ", ".join(str(feature_dim(config.key_dim, p)) for p in config.degrees),
         fontsize=10,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 0.78, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
