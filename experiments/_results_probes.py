@@ -825,6 +825,7 @@ def run_niah_probe(
     memories = probe_memories() if memories is None else memories
     tables = probe_tables(config)
     records = []
+    pending = []
     for kind in haystacks:
         text = jnp.asarray(haystack_bytes(kind))
         for memory in memories:
@@ -877,18 +878,31 @@ def run_niah_probe(
                     "peak_rss_mib": _rss_mib(),
                     "rss_mib": _current_rss_mib(),
                     "state_floats": _state_floats(jax.tree.map(lambda x: x[0], state0)),
-                    "outside_span": float(
-                        np.mean(needle_outside_span(memory, tables, kind, np.asarray(keys)))
-                    ),
+                    "outside_span": None,  # filled in after every stream has run
                 }
                 records.append(record)
+                pending.append((record, memory, kind, np.asarray(keys)))
                 if progress:
                     print(
                         f"{kind:6s} {memory.name:26s} T={length:8d} acc={record['accuracy']:.3f} "
                         f"{record['tokens_per_s']:10,.0f} tok/s peak RSS {record['peak_rss_mib']:.0f} MiB",
                         flush=True,
                     )
+    # The span diagnostic runs last, so that the peak RSS recorded above is the streams' alone.
+    for record, memory, kind, keys in pending:
+        record["outside_span"] = float(np.mean(needle_outside_span(memory, tables, kind, keys)))
     return records
+
+
+def _one_success_interval(n: int) -> tuple[float, float]:
+    """Clopper-Pearson 95% interval of a binomial proportion after 1 success in `n` trials."""
+    lower = 1.0 - 0.975 ** (1.0 / n)  # P(X >= 1) = 0.025
+    low, high = 1.0 / n, 1.0
+    for _ in range(60):  # P(X <= 1) = 0.025, decreasing in p
+        mid = 0.5 * (low + high)
+        tail = (1 - mid) ** n + n * mid * (1 - mid) ** (n - 1)
+        low, high = (mid, high) if tail > 0.025 else (low, mid)
+    return lower, 0.5 * (low + high)
 
 
 def _fmt_length(n: int) -> str:
@@ -933,6 +947,11 @@ def _format_niah(config: NiahProbeConfig, records: list[dict], command: str, qui
         "only that part of the needle's write is safe from haystack writes of the delta "
         "rule.",
         "",
+        f"Each entry is k/{config.examples} examples: one example is "
+        f"{100 / config.examples:.1f} points, so single-example differences are noise (the "
+        f"Clopper-Pearson 95% interval for 1/{config.examples} is "
+        + "{:.1f}% to {:.1f}%).".format(*(100 * x for x in _one_success_interval(config.examples))),
+        "",
         "| haystack | memory | state floats | rho | "
         + " | ".join(_fmt_length(t) for t in lengths)
         + " |",
@@ -954,7 +973,9 @@ def _format_niah(config: NiahProbeConfig, records: list[dict], command: str, qui
         "machine is shared, so absolute numbers vary). Peak RSS = the process's high-water "
         "mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) after each length, in MiB; it is "
         "monotone over the whole command, so flat means no length needed more memory than "
-        "the ones before it.",
+        "the ones before it. A memory's programs are compiled before its first length (and "
+        "for the piece size at 4K), which is where most of the increases happen; the rho "
+        "diagnostic runs after all streams.",
         "",
         "| haystack | memory | "
         + " | ".join(f"tok/s {_fmt_length(t)}" for t in lengths)
