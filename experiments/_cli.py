@@ -172,6 +172,13 @@ def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from ._results import run_result
+
+    run_result(args.name, args.out, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atlas-eqx",
@@ -304,6 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=128, help="MLP memory width (default 128)")
     bench.add_argument("--window", type=int, default=4, help="Omega window c (default 4)")
     bench.set_defaults(run=_bench)
+
+    from ._results import RESULTS
+
+    results = commands.add_parser(
+        "results",
+        help="regenerate one result of experiments/results/ (a table and a plot)",
+        description="results NAME: run the experiment NAME and write results.md (a markdown "
+        "table with this command above it) and a PNG plot into --out. Names: "
+        + ", ".join(RESULTS)
+        + ".",
+    )
+    results.add_argument("name", choices=list(RESULTS), help="which result")
+    results.add_argument(
+        "--out", default=None, help="output directory (default experiments/results/NAME)"
+    )
+    results.add_argument(
+        "--quick", action="store_true", help="tiny sizes (for tests); the files say so"
+    )
+    results.set_defaults(run=_results)
     return parser
 
 

@@ -1,0 +1,36 @@
+"""`atlas-eqx results NAME`: the registry of result generators under `experiments/results/`.
+
+Each entry maps a name to a function `(out_dir, *, quick) -> markdown` that runs the
+experiment, writes `results.md` (a table with the command that regenerates it written above)
+and a PNG plot into `out_dir`, and returns the markdown. `quick=True` runs tiny sizes (for
+tests); the files then say so.
+"""
+
+import pathlib
+from collections.abc import Callable
+
+from ._results_probes import capacity_result, niah_probe_result
+
+
+ResultFunction = Callable[..., str]
+
+RESULTS: dict[str, ResultFunction] = {
+    "capacity": capacity_result,
+    "niah-probe": niah_probe_result,
+}
+
+
+def default_out_dir(name: str) -> pathlib.Path:
+    """`experiments/results/<name>` of this checkout."""
+    return pathlib.Path(__file__).parent / "results" / name
+
+
+def run_result(name: str, out_dir: str | pathlib.Path | None = None, *, quick: bool = False) -> str:
+    """Run the result generator `name` (a key of `RESULTS`) into `out_dir`."""
+    if name not in RESULTS:
+        raise SystemExit(
+            f"atlas-eqx results: unknown result {name!r}; choose from: {', '.join(sorted(RESULTS))}"
+        )
+    out = default_out_dir(name) if out_dir is None else pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return RESULTS[name](out, quick=quick)
