@@ -56,8 +56,9 @@ TITANS_VERSION = "0.5.5"
 FLA_CORE_VERSION = "0.5.2"
 INSTALL_HINT = (
     "pip install 'atlas-eqx[bench]'  (or by hand: pip install torch==2.13.0 "
-    "titans-pytorch==0.5.5, then pip install --no-deps fla-core==0.5.2; on CPU-only machines "
-    "torch==2.13.0 must be the +cpu wheel, an unpinned torch pulls a CUDA build of several GB)"
+    "titans-pytorch==0.5.5 fla-core==0.5.2; on a CPU-only machine install the +cpu torch "
+    "first, e.g. pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu: "
+    "an unpinned torch pulls a CUDA build of several GB)"
 )
 
 
@@ -68,17 +69,17 @@ class PeersMissing(RuntimeError):
 def require_peers() -> tuple[Any, Any]:
     """Import torch and titans_pytorch, or raise `PeersMissing` naming the missing package and
     the install command."""
-    try:
-        import torch
-        import titans_pytorch
-    except ImportError as error:
-        missing = getattr(error, "name", None) or str(error)
-        raise PeersMissing(
-            f"atlas-eqx bench peers compares against titans-pytorch and needs torch and "
-            f"titans-pytorch, which are not installed (missing: {missing}). Install them with: "
-            f"{INSTALL_HINT}"
-        ) from error
-    return torch, titans_pytorch
+    modules = []
+    for name in ("torch", "titans_pytorch"):  # torch first: titans-pytorch imports it
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as error:
+            raise PeersMissing(
+                f"atlas-eqx bench peers compares against titans-pytorch and needs torch and "
+                f"titans-pytorch, which are not installed (missing: {name}). Install them "
+                f"with: {INSTALL_HINT}"
+            ) from error
+    return modules[0], modules[1]
 
 
 def load_fla_naive_delta_rule() -> Callable | None:
@@ -420,3 +421,672 @@ def format_cross_check(rows: Sequence[dict[str, Any]]) -> str:
             f" | {'equal' if r['expect_equal'] else 'differ'} |"
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Items 1 and 3: timing, one fresh subprocess per measurement.
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """One matched layer configuration of item 1."""
+
+    dim: int
+    heads: int
+    chunk: int
+    T: int
+
+    @property
+    def label(self) -> str:
+        return f"dim {self.dim}, {self.heads} head{'s' if self.heads > 1 else ''}, chunk {self.chunk}, T {self.T}"
+
+
+# What each row of item 1 runs. "ours-*" are `atlas_eqx.presets` layers (JAX); "peer*" are
+# titans-pytorch `NeuralMemory` (torch) with its defaults (MemoryMLP depth 2, expansion 4,
+# ResidualNorm, momentum, pre-RMSNorm) and `batch_size` None or equal to the chunk.
+LAYER_IMPLEMENTATIONS: dict[str, dict[str, Any]] = {
+    "ours titans": dict(framework="jax", preset="titans", options={}),
+    "titans-pytorch": dict(framework="torch", batch_size=None),
+    "titans-pytorch batch_size=chunk": dict(framework="torch", batch_size="chunk"),
+    "ours atlas": dict(framework="jax", preset="atlas", options={"window": 4}),
+    "ours atlas muon_per_chunk": dict(
+        framework="jax", preset="atlas", options={"window": 4, "muon_per_chunk": True}
+    ),
+}
+DEFAULT_LAYER_CONFIGS = (LayerConfig(64, 1, 16, 1024), LayerConfig(128, 2, 64, 2048))
+QUICK_LAYER_CONFIGS = (LayerConfig(16, 1, 8, 64), LayerConfig(32, 2, 16, 128))
+# Item 3: name -> (preset, overrides). Window c = 4 for atlas (`layout_options`).
+LM_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "transformer": ("transformer", {}),
+    "gated_deltanet": ("gated_deltanet", {}),
+    "titans": ("titans", {}),
+    "atlas muon_per_chunk": ("atlas", {"muon_per_chunk": True}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeersBenchConfig:
+    layer_configs: tuple[LayerConfig, ...] = DEFAULT_LAYER_CONFIGS
+    implementations: tuple[str, ...] = tuple(LAYER_IMPLEMENTATIONS)
+    batch: int = 2
+    repeats: int = 5
+    threads: int = 2
+    lm_lengths: tuple[int, ...] = (512, 2048, 8192)
+    lm_presets: tuple[str, ...] = tuple(LM_PRESETS)
+    lm_d_model: int = 128
+    lm_heads: int = 2
+    lm_layers: int = 2
+    lm_chunk: int = 64
+    lm_vocab: int = 256
+    lm_repeats: int = 3
+    budget_s: float = 60.0  # stop repeating a timed call after this many seconds
+    timeout_s: float = 1800.0
+    out_dir: str = "experiments/results/bench_peers"
+    seed: int = 0
+
+
+QUICK_CONFIG = PeersBenchConfig(
+    layer_configs=QUICK_LAYER_CONFIGS,
+    repeats=2,
+    lm_lengths=(64, 128),
+    lm_d_model=32,
+    lm_chunk=16,
+    lm_repeats=1,
+    budget_s=5.0,
+    out_dir="experiments/results/bench_peers/quick",
+)
+
+
+def _rss_mib() -> float:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _time_calls(
+    fn: Callable[[], Any], repeats: int, budget_s: float = float("inf")
+) -> tuple[float, float, int]:
+    """One warm-up call, then up to `repeats` timed calls (fewer once `budget_s` seconds of
+    timed calls are spent, at least one). Returns (warm-up seconds, median, timed calls)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) < budget_s):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times), len(times)
+
+
+def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import atlas_eqx as ae
+
+    from ._bench import _peak_bytes
+
+    rss_imports = _rss_mib()
+    key = jax.random.key(spec["seed"])
+    factory = getattr(ae.presets, spec["preset"])
+    layer = factory(
+        spec["dim"], spec["heads"], key=key, chunk_size=spec["chunk"], **spec["options"]
+    )
+    x = jax.random.normal(jax.random.fold_in(key, 1), (spec["batch"], spec["T"], spec["dim"]))
+    forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+    backward = eqx.filter_jit(eqx.filter_grad(lambda m, x: jnp.mean(jax.vmap(m)(x) ** 2)))
+    run_f = lambda: jax.block_until_ready(forward(layer, x))
+    run_b = lambda: jax.block_until_ready(backward(layer, x))
+    first_f, fwd, n_f = _time_calls(run_f, spec["repeats"], spec["budget_s"])
+    first_b, fwdbwd, n_b = _time_calls(run_b, spec["repeats"], spec["budget_s"])
+    finite = bool(jnp.all(jnp.isfinite(forward(layer, x))))
+    xla = _peak_bytes(backward, (layer, x))
+    return dict(
+        rss_imports_mib=rss_imports,
+        first_forward_s=first_f,
+        forward_s=fwd,
+        first_backward_s=first_b,
+        backward_s=fwdbwd,
+        repeats_used=f"{n_f}/{n_b}",
+        xla_backward_mib=None if xla is None else xla / 2**20,
+        finite=finite,
+    )
+
+
+def _measure_torch_layer(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    torch, _ = require_peers()
+    from titans_pytorch import NeuralMemory
+
+    torch.set_num_threads(threads)
+    rss_imports = _rss_mib()
+    torch.manual_seed(spec["seed"])
+    batch_size = spec["chunk"] if spec["batch_size"] == "chunk" else spec["batch_size"]
+    memory = NeuralMemory(
+        spec["dim"],
+        chunk_size=spec["chunk"],
+        heads=spec["heads"],
+        dim_head=spec["dim"] // spec["heads"],
+        batch_size=batch_size,
+    )
+    x = torch.randn(spec["batch"], spec["T"], spec["dim"])
+
+    def run_f():
+        with torch.no_grad():
+            return memory(x)[0]
+
+    def run_b():
+        memory.zero_grad(set_to_none=True)
+        y, _ = memory(x)
+        y.pow(2).mean().backward()
+
+    first_f, fwd, n_f = _time_calls(run_f, spec["repeats"], spec["budget_s"])
+    first_b, fwdbwd, n_b = _time_calls(run_b, spec["repeats"], spec["budget_s"])
+    return dict(
+        rss_imports_mib=rss_imports,
+        first_forward_s=first_f,
+        forward_s=fwd,
+        first_backward_s=first_b,
+        backward_s=fwdbwd,
+        repeats_used=f"{n_f}/{n_b}",
+        xla_backward_mib=None,
+        finite=bool(torch.isfinite(run_f()).all()),
+    )
+
+
+def _measure_lm_step(spec: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    import atlas_eqx as ae
+
+    from ._recall import layout_options
+    from ._train import make_optimizer, make_train_step, OptimConfig
+
+    rss_imports = _rss_mib()
+    key = jax.random.key(spec["seed"])
+    preset = spec["preset"]
+    options = {**layout_options(preset, spec["chunk"], 4), **spec["options"]}
+    model = ae.LanguageModel(
+        spec["vocab"],
+        spec["d_model"],
+        spec["n_layers"],
+        spec["heads"],
+        key=key,
+        mixer=preset,
+        mixer_options=options,
+    )
+    optim = OptimConfig()
+    optimizer = make_optimizer(optim, 1000)
+    import equinox as eqx
+
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(optim, 1000)
+    rng = np.random.default_rng(spec["seed"])
+    tokens = rng.integers(0, spec["vocab"], size=(spec["batch"], spec["T"] + 1))
+    inputs, targets = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
+    state = dict(model=model, opt=opt_state, loss=None)
+
+    def run():
+        m, o, metrics = step(state["model"], state["opt"], inputs, targets)
+        jax.block_until_ready(metrics["loss"])
+        state["model"], state["opt"], state["loss"] = m, o, float(metrics["loss"])
+
+    first, median, n = _time_calls(run, spec["repeats"], spec["budget_s"])
+    return dict(
+        rss_imports_mib=rss_imports,
+        first_backward_s=first,
+        backward_s=median,
+        repeats_used=str(n),
+        finite=bool(np.isfinite(state["loss"])),
+    )
+
+
+def _child_main() -> None:
+    """Entry point of one measurement subprocess: the spec is JSON in argv[1]; the result is
+    printed as one JSON line prefixed by `RESULT `."""
+    spec = json.loads(sys.argv[1])
+    if spec["framework"] == "torch":
+        result = _measure_torch_layer(spec, spec["threads"])
+    elif spec["kind"] == "lm":
+        result = _measure_lm_step(spec)
+    else:
+        result = _measure_jax_layer(spec)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _child_environment(threads: int) -> dict[str, str]:
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def _pinned_cpus(threads: int) -> list[int]:
+    return sorted(os.sched_getaffinity(0))[:threads]
+
+
+def run_child(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter pinned to `threads` CPUs."""
+    cpus = _pinned_cpus(threads)
+    code = "from experiments._bench_peers import _child_main; _child_main()"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps({**spec, "threads": threads})],
+            env=_child_environment(threads),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timed out after {timeout_s:.0f} s")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    return dict(error=f"exit {done.returncode}: " + " | ".join(tail))
+
+
+def _layer_spec(name: str, layer: LayerConfig, config: PeersBenchConfig) -> dict[str, Any]:
+    spec = dict(LAYER_IMPLEMENTATIONS[name])
+    spec.update(
+        kind="layer",
+        dim=layer.dim,
+        heads=layer.heads,
+        chunk=layer.chunk,
+        T=layer.T,
+        batch=config.batch,
+        repeats=config.repeats,
+        budget_s=config.budget_s,
+        seed=config.seed,
+    )
+    return spec
+
+
+def _lm_spec(name: str, T: int, config: PeersBenchConfig) -> dict[str, Any]:
+    preset, options = LM_PRESETS[name]
+    return dict(
+        kind="lm",
+        framework="jax",
+        preset=preset,
+        options=options,
+        T=T,
+        batch=config.batch,
+        d_model=config.lm_d_model,
+        heads=config.lm_heads,
+        n_layers=config.lm_layers,
+        chunk=config.lm_chunk,
+        vocab=config.lm_vocab,
+        repeats=config.lm_repeats,
+        budget_s=config.budget_s,
+        seed=config.seed,
+    )
+
+
+def _tokens_per_s(result: dict[str, Any], key: str, tokens: int) -> float | None:
+    seconds = result.get(key)
+    return None if seconds is None else tokens / seconds
+
+
+def run_layer_benchmark(config: PeersBenchConfig) -> list[dict[str, Any]]:
+    """Item 1: every implementation at every matched configuration, one subprocess each."""
+    rows = []
+    for layer in config.layer_configs:
+        for name in config.implementations:
+            spec = _layer_spec(name, layer, config)
+            if spec["framework"] == "torch":
+                require_peers()
+            result = run_child(spec, config.threads, config.timeout_s)
+            tokens = config.batch * layer.T
+            row = dict(
+                config=layer.label,
+                implementation=name,
+                forward_tok_s=_tokens_per_s(result, "forward_s", tokens),
+                backward_tok_s=_tokens_per_s(result, "backward_s", tokens),
+                **result,
+            )
+            rows.append(row)
+            print(_format_layer_line(row), flush=True)
+    return rows
+
+
+def run_lm_benchmark(config: PeersBenchConfig) -> list[dict[str, Any]]:
+    """Item 3: one training step (forward, backward, AdamW) per preset and length."""
+    rows = []
+    for T in config.lm_lengths:
+        for name in config.lm_presets:
+            result = run_child(_lm_spec(name, T, config), config.threads, config.timeout_s)
+            row = dict(
+                T=T,
+                preset=name,
+                step_tok_s=_tokens_per_s(result, "backward_s", config.batch * T),
+                **result,
+            )
+            rows.append(row)
+            print(_format_lm_line(row), flush=True)
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _format_layer_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['config']:38s} {row['implementation']:34s} ERROR {row['error']}"
+    return (
+        f"{row['config']:38s} {row['implementation']:34s} fwd {_fmt(row['forward_tok_s']):>8s}"
+        f" tok/s  f+b {_fmt(row['backward_tok_s']):>8s} tok/s  peak RSS "
+        f"{row['peak_rss_mib']:.0f} MiB"
+    )
+
+
+def _format_lm_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"LM step T={row['T']:<6d} {row['preset']:24s} ERROR {row['error']}"
+    return (
+        f"LM step T={row['T']:<6d} {row['preset']:24s} {_fmt(row['step_tok_s']):>8s} tok/s  "
+        f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+    )
+
+
+DIFFERENCES = """\
+Differences between the matched layers that could not be removed (titans-pytorch 0.5.5
+`NeuralMemory` with its defaults against our `titans` preset):
+
+1. **Gradient anchor.** titans-pytorch's default `batch_size=None` takes every surprise
+   gradient of the sequence at the sequence-start weights (the update is then linear in W);
+   ours takes them at the weights after the previous chunk (b = chunk). The
+   `batch_size=chunk` row has our anchors (the cross-check shows the rules are then equal at
+   `chunk_size=1`).
+2. **Read granularity.** titans-pytorch reads a chunk with the weights after the previous
+   chunk (the last token of a chunk reads its own chunk's update); ours reads every token
+   after its own write, $y_t = M(q_t; W_t)$, through the dual form inside the chunk.
+3. **Gates.** Theirs: $\\eta$ per token, momentum and decay per chunk (from the chunk's mean
+   input). Ours: all three per token and head.
+4. **Momentum form.** Theirs is Titans' $S_t = \\theta_tS_{t-1} - \\eta_t\\nabla_t$,
+   $W_t = (1 - a_t)W_{t-1} + S_t$; ours is ATLAS's $S_t = \\theta_tS_{t-1} + \\nabla_t$,
+   $W_t = \\alpha_tW_{t-1} - \\eta_tS_t$ (equal iff $\\eta$ is constant, I-15; the
+   cross-check shows both).
+5. **Memory.** Theirs: `MemoryMLP` (depth 2, hidden 4d, exact GELU, no bias) inside
+   `ResidualNorm` (LayerNorm with a learned gain on the MLP output, plus the residual).
+   Ours: $x + W_1\\mathrm{GELU}(W_2x)$ (tanh-approximate GELU), no LayerNorm.
+6. **Around the memory.** Theirs: input RMSNorm, linear q/k/v, no convolution, no
+   activation, no q/k normalisation; for more than one head a sigmoid retrieve gate and a
+   linear head merge, for one head no output projection. Ours: q/k/v projections, causal
+   depthwise convolution (4 taps), SiLU, $\\ell_2$-normalised q and k, per-head RMSNorm,
+   SiLU output gate and an output projection (also for one head).
+7. **Loss scale.** Theirs is the mean over d of the squared error, $2/d$ times our
+   $\\tfrac12\\|\\cdot\\|^2$; it only rescales $\\eta$.
+8. **Execution.** Ours is one XLA program per call (`jax.jit`); theirs is eager PyTorch
+   (`torch.func.vmap(grad)` per chunk, associative scans in Python; no `torch.compile`),
+   the forward under `torch.no_grad()`.
+9. **atlas** (beside, not matched: the peer has no Omega rule, polynomial map or Muon on the
+   momentum): at head dimension 64 the preset uses the element-wise degree-2 map
+   $k + k^{\\odot 2}/2$ (the exact monomial map would have 2145 features), window c = 4
+   with per-token gates $\\gamma$, Muon with 5 Newton-Schulz steps per token;
+   `muon_per_chunk` applies Newton-Schulz once per chunk (an approximation).
+"""
+
+
+def _machine_line() -> str:
+    import platform
+
+    load = os.getloadavg()
+    cpus = os.cpu_count()
+    return (
+        f"{platform.machine()}, {cpus} CPUs visible, each measurement pinned to "
+        f"{len(_pinned_cpus(2))}; load average at start {load[0]:.2f}, {load[1]:.2f}, "
+        f"{load[2]:.2f} (1, 5, 15 min; a shared machine)"
+    )
+
+
+def _versions() -> str:
+    import jax
+
+    parts = [f"jax {jax.__version__}"]
+    try:
+        torch, titans = require_peers()
+        from importlib.metadata import version
+
+        parts += [f"torch {torch.__version__}", f"titans-pytorch {version('titans-pytorch')}"]
+        try:
+            parts.append(f"fla-core {version('fla-core')}")
+        except Exception:
+            pass
+    except PeersMissing:
+        pass
+    return ", ".join(parts)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| configuration | implementation | fwd tok/s | f+b tok/s | f+b ours/titans-pytorch | "
+        "f+b ours/titans-pytorch bs=chunk | first fwd / f+b call s | peak RSS MiB | RSS after "
+        "imports MiB | XLA f+b buffers MiB | timed calls fwd/f+b |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    for config, impls in by_config.items():
+        peer = impls.get("titans-pytorch", {}).get("backward_tok_s")
+        peer_b = impls.get("titans-pytorch batch_size=chunk", {}).get("backward_tok_s")
+        for name, r in impls.items():
+            if "error" in r:
+                lines.append(f"| {config} | {name} | error: {r['error']} | | | | | | | | |")
+                continue
+            ours = name.startswith("ours")
+            xla = r.get("xla_backward_mib")
+            lines.append(
+                f"| {config} | {name} | {_fmt(r['forward_tok_s'])} | {_fmt(r['backward_tok_s'])}"
+                f" | {_ratio(r['backward_tok_s'], peer) if ours else ''}"
+                f" | {_ratio(r['backward_tok_s'], peer_b) if ours else ''}"
+                f" | {r['first_forward_s']:.1f} / {r['first_backward_s']:.1f}"
+                f" | {r['peak_rss_mib']:.0f} | {r['rss_imports_mib']:.0f}"
+                f" | {_fmt(xla, '.1f')} | {r.get('repeats_used', '')} |"
+            )
+    return "\n".join(lines)
+
+
+def format_forward_ratios(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| configuration | implementation | fwd ours/titans-pytorch | fwd ours/titans-pytorch "
+        "bs=chunk |",
+        "|---|---|---|---|",
+    ]
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    for config, impls in by_config.items():
+        peer = impls.get("titans-pytorch", {}).get("forward_tok_s")
+        peer_b = impls.get("titans-pytorch batch_size=chunk", {}).get("forward_tok_s")
+        for name, r in impls.items():
+            if name.startswith("ours") and "error" not in r:
+                lines.append(
+                    f"| {config} | {name} | {_ratio(r['forward_tok_s'], peer)} | "
+                    f"{_ratio(r['forward_tok_s'], peer_b)} |"
+                )
+    return "\n".join(lines)
+
+
+def format_targets(rows: Sequence[dict[str, Any]], lm_rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| target | configuration | measured | met? |", "|---|---|---|---|"]
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    get = lambda impls, name, key: impls.get(name, {}).get(key)
+    for config, impls in by_config.items():
+        peer = get(impls, "titans-pytorch", "backward_tok_s")
+        ours = get(impls, "ours titans", "backward_tok_s")
+        if peer and ours:
+            ratio = ours / peer
+            lines.append(
+                f"| titans f+b >= 2x titans-pytorch | {config} | {ratio:.2f}x | "
+                f"{'yes' if ratio >= 2 else 'no'} |"
+            )
+        for name in ("ours atlas", "ours atlas muon_per_chunk"):
+            atlas = get(impls, name, "backward_tok_s")
+            atlas_f = get(impls, name, "forward_tok_s")
+            peer_f = get(impls, "titans-pytorch", "forward_tok_s")
+            if peer and atlas and atlas_f and peer_f:
+                met = atlas >= peer and atlas_f >= peer_f
+                lines.append(
+                    f"| {name.removeprefix('ours ')} (Muon) >= titans-pytorch (no Muon) | "
+                    f"{config} | fwd {atlas_f / peer_f:.2f}x, f+b {atlas / peer:.2f}x | "
+                    f"{'yes' if met else 'no'} |"
+                )
+    if lm_rows:
+        T = max(r["T"] for r in lm_rows)
+        at = {r["preset"]: r.get("step_tok_s") for r in lm_rows if r["T"] == T}
+        attention = at.get("transformer")
+        for name, value in at.items():
+            if name != "transformer" and value and attention:
+                lines.append(
+                    f"| recurrent LM step faster than attention at T = {T} | {name} | "
+                    f"{value / attention:.2f}x | {'yes' if value > attention else 'no'} |"
+                )
+    return "\n".join(lines)
+
+
+def format_lm_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| T | preset | train step tok/s | ours/transformer | first step s | peak RSS MiB | "
+        "timed steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    attention = {r["T"]: r.get("step_tok_s") for r in rows if r["preset"] == "transformer"}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['T']} | {r['preset']} | error: {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['T']} | {r['preset']} | {_fmt(r['step_tok_s'])} | "
+            f"{_ratio(r['step_tok_s'], attention.get(r['T']))} | {r['first_backward_s']:.1f} | "
+            f"{r['peak_rss_mib']:.0f} | {r.get('repeats_used', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(
+    rows: Sequence[dict[str, Any]], lm_rows: Sequence[dict[str, Any]], path: pathlib.Path
+) -> bool:
+    """Forward+backward tokens/s per implementation and configuration (log scale), and the LM
+    training step against T. Returns False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    names = list(dict.fromkeys(r["implementation"] for r in rows))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        values = []
+        for config in configs:
+            match = [r for r in rows if r["config"] == config and r["implementation"] == name]
+            values.append((match[0].get("backward_tok_s") or 0.0) if match else 0.0)
+        left.bar([i + j * width for i in range(len(configs))], values, width, label=name)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], configs, fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("forward+backward tokens/s")
+    left.set_title("memory layers, batch 2, float32, 2 threads")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3, axis="y")
+    for name in dict.fromkeys(r["preset"] for r in lm_rows):
+        points = [(r["T"], r.get("step_tok_s")) for r in lm_rows if r["preset"] == name]
+        points = [(t, v) for t, v in points if v]
+        if points:
+            right.plot(*zip(*points, strict=True), marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("sequence length T")
+    right.set_ylabel("training-step tokens/s")
+    right.set_title("language-model training step (ours)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def run_peers_benchmark(
+    config: PeersBenchConfig = PeersBenchConfig(),
+    *,
+    command: str = "atlas-eqx bench peers",
+    layers: bool = True,
+    lm: bool = True,
+) -> str:
+    """Items 1, 2, 3 and 5: run everything, write `results.md` and `throughput.png` under
+    `config.out_dir`, and return the markdown."""
+    require_peers()
+    machine = _machine_line()
+    print(f"{command}\n{machine}\n{_versions()}", flush=True)
+    rows = run_layer_benchmark(config) if layers else []
+    print("numerical cross-check ...", flush=True)
+    checks = cross_check_numpy() + cross_check_peers()
+    print(format_cross_check(checks), flush=True)
+    lm_rows = run_lm_benchmark(config) if lm else []
+    out = pathlib.Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plotted = plot_results(rows, lm_rows, out / "throughput.png")
+    text = "\n\n".join(
+        [
+            "# Benchmarks against the peers (`atlas-eqx bench peers`)",
+            f"```\n{command}\n```",
+            f"Machine: {machine}. {_versions()}. float32, batch {config.batch}, "
+            f"{config.threads} threads per framework, median of up to {config.repeats} timed "
+            f"calls after one warm-up call (LM: {config.lm_repeats}). Measured by the rules "
+            "in the docstring of `experiments/_bench_peers.py`: one fresh subprocess per "
+            "row; peak RSS is that process's `ru_maxrss` (imports, build, compilation, "
+            "forward and forward+backward together), beside its resident memory after the "
+            "imports; XLA f+b buffers is the compiled forward+backward's buffer assignment.",
+            "## 1. Matched memory layers: ours against titans-pytorch `NeuralMemory`",
+            format_layer_table(rows) if rows else "(not run)",
+            "Forward ratios:",
+            format_forward_ratios(rows) if rows else "(not run)",
+            DIFFERENCES,
+            "## 2. Numerical cross-check where the definitions coincide",
+            "titans-pytorch reduced to `chunk_size=1` (one head, no RMSNorms, no "
+            "`ResidualNorm`; its `batch_size` = our `chunk_size`), float64, against our "
+            '`omega_scan(method="chunked")` in float32 with the same projections, gates and '
+            "initial memory; fla's `delta_rule_recurrence` (float32) against our `deltanet` "
+            "rule (linear memory, $W_0 = 0$, GD, $\\alpha = 1$, c = 1). Rows marked "
+            "'differ' differ by definition: Titans' momentum form with a per-token $\\eta$ "
+            "(I-15), and our frozen-anchor chunks (b = 8) against fla's exact delta rule. "
+            "No configuration makes titans-pytorch's own chunking (`chunk_size > 1`) equal "
+            "ours: it reads at chunk granularity and shares momentum and decay per chunk.",
+            format_cross_check(checks),
+            "## 3. Language-model training step: recurrent presets against attention",
+            f"`LanguageModel`, vocabulary {config.lm_vocab}, d_model {config.lm_d_model}, "
+            f"{config.lm_layers} blocks, {config.lm_heads} heads, chunk {config.lm_chunk}, "
+            f"batch {config.batch}; one jitted step = forward, backward and AdamW.",
+            format_lm_table(lm_rows) if lm_rows else "(not run)",
+            "## Targets",
+            format_targets(rows, lm_rows),
+            "![throughput](throughput.png)" if plotted else "(matplotlib missing: no plot)",
+        ]
+    )
+    (out / "results.md").write_text(text + "\n")
+    print(f"wrote {out / 'results.md'}" + (f" and {out / 'throughput.png'}" if plotted else ""))
+    return text
