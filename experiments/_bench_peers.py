@@ -335,8 +335,8 @@ def _titans_pytorch_outputs(
     `ResidualNorm`, depth-1 or depth-2 `MemoryMLP`), in float64, with the parameters of
     `_cross_check_parameters` loaded; returns its output and the inputs its memory saw."""
     torch, _ = require_peers()
-    from titans_pytorch import NeuralMemory
-    from titans_pytorch.memory_models import MemoryMLP
+    from titans_pytorch import NeuralMemory  # pyright: ignore[reportMissingImports]
+    from titans_pytorch.memory_models import MemoryMLP  # pyright: ignore[reportMissingImports]
 
     params = _cross_check_parameters(case, T, d, seed)
     torch.manual_seed(seed)
@@ -453,6 +453,25 @@ LAYER_IMPLEMENTATIONS: dict[str, dict[str, Any]] = {
         framework="jax", preset="atlas", options={"window": 4, "muon_per_chunk": True}
     ),
 }
+# Where the time of our layers goes (run with `profile=True`): the memory scan alone, and
+# atlas without the Newton-Schulz iterations (`ns_steps=0` keeps only the normalisation).
+PROFILE_IMPLEMENTATIONS: dict[str, dict[str, Any]] = {
+    "ours titans: memory scan only": dict(
+        framework="jax", preset="titans", options={}, part="scan"
+    ),
+    "ours atlas: memory scan only": dict(
+        framework="jax", preset="atlas", options={"window": 4}, part="scan"
+    ),
+    "ours atlas ns_steps=0": dict(
+        framework="jax", preset="atlas", options={"window": 4, "ns_steps": 0}
+    ),
+    "ours atlas muon_per_chunk: memory scan only": dict(
+        framework="jax",
+        preset="atlas",
+        options={"window": 4, "muon_per_chunk": True},
+        part="scan",
+    ),
+}
 DEFAULT_LAYER_CONFIGS = (LayerConfig(64, 1, 16, 1024), LayerConfig(128, 2, 64, 2048))
 QUICK_LAYER_CONFIGS = (LayerConfig(16, 1, 8, 64), LayerConfig(32, 2, 16, 128))
 # Item 3: name -> (preset, overrides). Window c = 4 for atlas (`layout_options`).
@@ -473,6 +492,7 @@ class PeersBenchConfig:
     threads: int = 2
     lm_lengths: tuple[int, ...] = (512, 2048, 8192)
     lm_presets: tuple[str, ...] = tuple(LM_PRESETS)
+    profile: tuple[str, ...] = tuple(PROFILE_IMPLEMENTATIONS)
     lm_d_model: int = 128
     lm_heads: int = 2
     lm_layers: int = 2
@@ -493,6 +513,7 @@ QUICK_CONFIG = PeersBenchConfig(
     lm_chunk=16,
     lm_repeats=1,
     budget_s=5.0,
+    profile=("ours titans: memory scan only",),
     out_dir="experiments/results/bench_peers/quick",
 )
 
@@ -540,8 +561,17 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
         spec["dim"], spec["heads"], key=key, chunk_size=spec["chunk"], **spec["options"]
     )
     x = jax.random.normal(jax.random.fold_in(key, 1), (spec["batch"], spec["T"], spec["dim"]))
-    forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
-    backward = eqx.filter_jit(eqx.filter_grad(lambda m, x: jnp.mean(jax.vmap(m)(x) ** 2)))
+    if spec.get("part", "layer") == "scan":
+        # Only the memory: `run_memory` on precomputed per-head inputs; the backward reaches
+        # the layer's memory parameters and the inputs (q, k, v and the gates).
+        x = jax.vmap(layer.memory_inputs)(x)
+        apply: Callable = lambda m, i: jax.vmap(lambda one: m.run_memory(one)[0])(i)
+        backward = eqx.filter_jit(eqx.filter_grad(lambda mi, _: jnp.mean(apply(mi[0], mi[1]) ** 2)))
+        layer = (layer, x)  # the backward differentiates both
+        forward = eqx.filter_jit(lambda mi, _: apply(mi[0], mi[1]))
+    else:
+        forward = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
+        backward = eqx.filter_jit(eqx.filter_grad(lambda m, x: jnp.mean(jax.vmap(m)(x) ** 2)))
     run_f = lambda: jax.block_until_ready(forward(layer, x))
     run_b = lambda: jax.block_until_ready(backward(layer, x))
     first_f, fwd, n_f = _time_calls(run_f, spec["repeats"], spec["budget_s"])
@@ -562,7 +592,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measure_torch_layer(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     torch, _ = require_peers()
-    from titans_pytorch import NeuralMemory
+    from titans_pytorch import NeuralMemory  # pyright: ignore[reportMissingImports]
 
     torch.set_num_threads(threads)
     rss_imports = _rss_mib()
@@ -631,7 +661,7 @@ def _measure_lm_step(spec: dict[str, Any]) -> dict[str, Any]:
     rng = np.random.default_rng(spec["seed"])
     tokens = rng.integers(0, spec["vocab"], size=(spec["batch"], spec["T"] + 1))
     inputs, targets = jax.numpy.asarray(tokens[:, :-1]), jax.numpy.asarray(tokens[:, 1:])
-    state = dict(model=model, opt=opt_state, loss=None)
+    state: dict[str, Any] = dict(model=model, opt=opt_state, loss=None)
 
     def run():
         m, o, metrics = step(state["model"], state["opt"], inputs, targets)
@@ -699,7 +729,7 @@ def run_child(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str,
 
 
 def _layer_spec(name: str, layer: LayerConfig, config: PeersBenchConfig) -> dict[str, Any]:
-    spec = dict(LAYER_IMPLEMENTATIONS[name])
+    spec = dict({**LAYER_IMPLEMENTATIONS, **PROFILE_IMPLEMENTATIONS}[name])
     spec.update(
         kind="layer",
         dim=layer.dim,
@@ -739,11 +769,13 @@ def _tokens_per_s(result: dict[str, Any], key: str, tokens: int) -> float | None
     return None if seconds is None else tokens / seconds
 
 
-def run_layer_benchmark(config: PeersBenchConfig) -> list[dict[str, Any]]:
+def run_layer_benchmark(
+    config: PeersBenchConfig, implementations: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Item 1: every implementation at every matched configuration, one subprocess each."""
     rows = []
     for layer in config.layer_configs:
-        for name in config.implementations:
+        for name in config.implementations if implementations is None else implementations:
             spec = _layer_spec(name, layer, config)
             if spec["framework"] == "torch":
                 require_peers()
@@ -848,7 +880,9 @@ def _machine_line() -> str:
     return (
         f"{platform.machine()}, {cpus} CPUs visible, each measurement pinned to "
         f"{len(_pinned_cpus(2))}; load average at start {load[0]:.2f}, {load[1]:.2f}, "
-        f"{load[2]:.2f} (1, 5, 15 min; a shared machine)"
+        f"{load[2]:.2f} (1, 5, 15 min; a shared machine); JAX persistent compilation cache "
+        f"{'on' if os.environ.get('JAX_COMPILATION_CACHE_DIR') else 'off'} (first calls "
+        f"{'may reuse cached programs' if os.environ.get('JAX_COMPILATION_CACHE_DIR') else 'include compilation'})"
     )
 
 
@@ -964,6 +998,44 @@ def format_targets(rows: Sequence[dict[str, Any]], lm_rows: Sequence[dict[str, A
     return "\n".join(lines)
 
 
+def _profile_base(name: str) -> str:
+    return name.split(":")[0].replace(" ns_steps=0", "")
+
+
+def format_profile_table(rows: Sequence[dict[str, Any]], profile: Sequence[dict[str, Any]]) -> str:
+    """Each profile row's time as a share of the full layer it is a part or variant of."""
+    lines = [
+        "| configuration | measured | fwd ms | f+b ms | fwd share of the layer | f+b share |",
+        "|---|---|---|---|---|---|",
+    ]
+    full = {(r["config"], r["implementation"]): r for r in rows if "error" not in r}
+    ms = lambda r, key: None if r.get(key) is None else 1e3 * r[key]
+    for r in profile:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['implementation']} | error: {r['error']} | | | |")
+            continue
+        layer = full.get((r["config"], _profile_base(r["implementation"])))
+
+        def share(key: str, r: dict[str, Any] = r, layer: dict[str, Any] | None = layer) -> str:
+            if layer is None or not layer.get(key) or r.get(key) is None:
+                return "n/a"
+            return f"{r[key] / layer[key]:.0%}"
+
+        lines.append(
+            f"| {r['config']} | {r['implementation']} | {_fmt(ms(r, 'forward_s'), '.1f')} | "
+            f"{_fmt(ms(r, 'backward_s'), '.1f')} | {share('forward_s')} | {share('backward_s')} |"
+        )
+    for (config, name), layer in full.items():
+        if any(
+            _profile_base(p["implementation"]) == name and p["config"] == config for p in profile
+        ):
+            lines.append(
+                f"| {config} | {name} (the full layer) | {_fmt(ms(layer, 'forward_s'), '.1f')} | "
+                f"{_fmt(ms(layer, 'backward_s'), '.1f')} | 100% | 100% |"
+            )
+    return "\n".join(lines)
+
+
 def format_lm_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| T | preset | train step tok/s | ours/transformer | first step s | peak RSS MiB | "
@@ -1043,6 +1115,7 @@ def run_peers_benchmark(
     machine = _machine_line()
     print(f"{command}\n{machine}\n{_versions()}", flush=True)
     rows = run_layer_benchmark(config) if layers else []
+    profile = run_layer_benchmark(config, config.profile) if layers and config.profile else []
     print("numerical cross-check ...", flush=True)
     checks = cross_check_numpy() + cross_check_peers()
     print(format_cross_check(checks), flush=True)
@@ -1066,6 +1139,13 @@ def run_peers_benchmark(
             "Forward ratios:",
             format_forward_ratios(rows) if rows else "(not run)",
             DIFFERENCES,
+            "### Where our layers' time goes",
+            "The memory scan alone (`run_memory` on precomputed q, k, v and gates; its "
+            "backward reaches them and $W_0$) and atlas with `ns_steps=0` (Muon's "
+            "normalisation without the five Newton-Schulz iterations), as a share of the "
+            "full layer's median time in the table above (separate subprocesses, so shares "
+            "carry the run-to-run noise of a shared machine).",
+            format_profile_table(rows, profile) if profile else "(not run)",
             "## 2. Numerical cross-check where the definitions coincide",
             "titans-pytorch reduced to `chunk_size=1` (one head, no RMSNorms, no "
             "`ResidualNorm`; its `batch_size` = our `chunk_size`), float64, against our "
