@@ -21,8 +21,8 @@ Four parts (issue 8, items 1, 2, 3 and 5):
 4. **Output**: `results.md` (tables, ratios ours/peer) and `throughput.png`.
 
 **How it is measured.** Every (implementation, configuration) runs in a fresh Python
-subprocess pinned to two CPUs (`os.sched_setaffinity`, `torch.set_num_threads(2)`; XLA sizes
-its pool from the affinity mask): it builds the layer, runs one warm-up call (its time is the
+subprocess pinned to two CPUs (`os.sched_setaffinity` before jax or torch is imported,
+`torch.set_num_threads(2)`, `OMP_NUM_THREADS=2`; XLA sizes its pool from the affinity mask): it builds the layer, runs one warm-up call (its time is the
 "first call", compilation for JAX), then `repeats` timed calls, and keeps the median; first
 the forward, then the forward+backward (gradient of `mean(y**2)` with respect to every
 parameter; torch forward under `torch.no_grad()`). **Peak memory** is the subprocess's
@@ -682,6 +682,7 @@ def _child_main() -> None:
     """Entry point of one measurement subprocess: the spec is JSON in argv[1]; the result is
     printed as one JSON line prefixed by `RESULT `."""
     spec = json.loads(sys.argv[1])
+    os.sched_setaffinity(0, spec["cpus"])  # before jax or torch start their thread pools
     if spec["framework"] == "torch":
         result = _measure_torch_layer(spec, spec["threads"])
     elif spec["kind"] == "lm":
@@ -712,12 +713,11 @@ def run_child(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str,
     code = "from experiments._bench_peers import _child_main; _child_main()"
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, json.dumps({**spec, "threads": threads})],
+            [sys.executable, "-c", code, json.dumps({**spec, "threads": threads, "cpus": cpus})],
             env=_child_environment(threads),
             capture_output=True,
             text=True,
             timeout=timeout_s,
-            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout_s:.0f} s")
