@@ -98,6 +98,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
         changes["repeats"] = args.repeats
     if args.out_dir is not None:
         changes["out_dir"] = args.out_dir
+    if "profile" in args.skip:
+        changes["profile"] = ()
     config = dataclasses.replace(config, **changes)
     command = "atlas-eqx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -243,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", default=None, help="peers: default experiments/results/bench_peers"
     )
     bench.add_argument(
-        "--skip", nargs="*", default=[], choices=["layers", "lm"], help="peers: parts to skip"
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["layers", "profile", "lm"],
+        help="peers: parts to skip",
     )
     bench.set_defaults(run=_bench)
     return parser
