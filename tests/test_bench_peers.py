@@ -124,3 +124,23 @@ def test_targets_and_ratios_are_computed_from_the_rows():
     table = bp.format_layer_table(rows)
     assert "| A | ours titans | 300 | 250 | 2.50 | 5.00 |" in table
     assert math.isclose(float(bp._ratio(3.0, 2.0)), 1.5)
+
+
+@pytest.mark.slow
+def test_one_measurement_subprocess_per_framework_reports_its_numbers():
+    """The subprocess plumbing: a JAX layer, a titans-pytorch layer and an LM step at tiny
+    sizes come back with positive times, a peak RSS above the post-import RSS, and finite
+    outputs."""
+    config = bp.PeersBenchConfig(repeats=1, budget_s=0.0, lm_repeats=1, lm_d_model=16)
+    layer = bp.LayerConfig(dim=8, heads=1, chunk=4, T=16)
+    specs = [bp._layer_spec("ours titans", layer, config), bp._lm_spec("titans", 16, config)]
+    specs[1]["chunk"] = 4
+    if bp.importlib.util.find_spec("titans_pytorch") is not None:
+        specs.append(bp._layer_spec("titans-pytorch batch_size=chunk", layer, config))
+    for spec in specs:
+        result = bp.run_child(spec, threads=2, timeout_s=600)
+        assert "error" not in result, result
+        assert result["backward_s"] > 0 and result["finite"]
+        assert result["peak_rss_mib"] >= result["rss_imports_mib"] > 0
+        if spec["kind"] == "layer":
+            assert result["forward_s"] > 0
