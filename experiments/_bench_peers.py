@@ -969,11 +969,17 @@ def format_targets(rows: Sequence[dict[str, Any]], lm_rows: Sequence[dict[str, A
     for config, impls in by_config.items():
         peer = get(impls, "titans-pytorch", "backward_tok_s")
         ours = get(impls, "ours titans", "backward_tok_s")
+        peer_b = get(impls, "titans-pytorch batch_size=chunk", "backward_tok_s")
         if peer and ours:
             ratio = ours / peer
             lines.append(
                 f"| titans f+b >= 2x titans-pytorch | {config} | {ratio:.2f}x | "
                 f"{'yes' if ratio >= 2 else 'no'} |"
+            )
+        if peer_b and ours:
+            lines.append(
+                f"| (beside) titans f+b vs titans-pytorch batch_size=chunk | {config} | "
+                f"{ours / peer_b:.2f}x | |"
             )
         for name in ("ours atlas", "ours atlas muon_per_chunk"):
             atlas = get(impls, name, "backward_tok_s")
@@ -1130,7 +1136,9 @@ def run_peers_benchmark(
             f"```\n{command}\n```",
             f"Machine: {machine}. {_versions()}. float32, batch {config.batch}, "
             f"{config.threads} threads per framework, median of up to {config.repeats} timed "
-            f"calls after one warm-up call (LM: {config.lm_repeats}). Measured by the rules "
+            f"calls after one warm-up call (LM: {config.lm_repeats}; fewer once "
+            f"{config.budget_s:.0f} s of timed calls are spent: the column 'timed calls' gives "
+            "the count). Measured by the rules "
             "in the docstring of `experiments/_bench_peers.py`: one fresh subprocess per "
             "row; peak RSS is that process's `ru_maxrss` (imports, build, compilation, "
             "forward and forward+backward together), beside its resident memory after the "
