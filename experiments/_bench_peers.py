@@ -489,6 +489,7 @@ class PeersBenchConfig:
     implementations: tuple[str, ...] = tuple(LAYER_IMPLEMENTATIONS)
     batch: int = 2
     repeats: int = 5
+    rounds: int = 1  # item 1 repeated this many times, interleaved; the median round is kept
     threads: int = 2
     lm_lengths: tuple[int, ...] = (512, 2048, 8192)
     lm_presets: tuple[str, ...] = tuple(LM_PRESETS)
@@ -773,25 +774,49 @@ def _tokens_per_s(result: dict[str, Any], key: str, tokens: int) -> float | None
 def run_layer_benchmark(
     config: PeersBenchConfig, implementations: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Item 1: every implementation at every matched configuration, one subprocess each."""
-    rows = []
-    for layer in config.layer_configs:
-        for name in config.implementations if implementations is None else implementations:
-            spec = _layer_spec(name, layer, config)
-            if spec["framework"] == "torch":
-                require_peers()
-            result = run_child(spec, config.threads, config.timeout_s)
-            tokens = config.batch * layer.T
-            row = dict(
-                config=layer.label,
-                implementation=name,
-                forward_tok_s=_tokens_per_s(result, "forward_s", tokens),
-                backward_tok_s=_tokens_per_s(result, "backward_s", tokens),
-                **result,
-            )
-            rows.append(row)
-            print(_format_layer_line(row), flush=True)
-    return rows
+    """Item 1: every implementation at every matched configuration, one subprocess each;
+    `config.rounds` times over, interleaved (round by round), keeping per row the round with
+    the median forward+backward time and the range of tokens/s over the rounds."""
+    names = config.implementations if implementations is None else implementations
+    known = {**LAYER_IMPLEMENTATIONS, **PROFILE_IMPLEMENTATIONS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"bench peers: unknown implementation(s) {unknown}; choose from {list(known)}"
+        )
+    measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for round_index in range(config.rounds):
+        for layer in config.layer_configs:
+            for name in names:
+                spec = _layer_spec(name, layer, config)
+                if spec["framework"] == "torch":
+                    require_peers()
+                result = run_child(spec, config.threads, config.timeout_s)
+                tokens = config.batch * layer.T
+                row = dict(
+                    config=layer.label,
+                    implementation=name,
+                    forward_tok_s=_tokens_per_s(result, "forward_s", tokens),
+                    backward_tok_s=_tokens_per_s(result, "backward_s", tokens),
+                    **result,
+                )
+                measured.setdefault((layer.label, name), []).append(row)
+                prefix = f"[round {round_index + 1}/{config.rounds}] " if config.rounds > 1 else ""
+                print(prefix + _format_layer_line(row), flush=True)
+    return [_median_round(rounds) for rounds in measured.values()]
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [r for r in rounds if "error" not in r]
+    if not good:
+        return rounds[0]
+    good.sort(key=lambda r: r["backward_s"])
+    row = dict(good[(len(good) - 1) // 2])
+    row["rounds"] = len(good)
+    for key in ("forward_tok_s", "backward_tok_s"):
+        values = [r[key] for r in good]
+        row[key.replace("tok_s", "range")] = (min(values), max(values))
+    return row
 
 
 def run_lm_benchmark(config: PeersBenchConfig) -> list[dict[str, Any]]:
@@ -909,12 +934,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def _range(row: dict[str, Any]) -> str:
+    low_high = row.get("backward_range")
+    if not low_high or row.get("rounds", 1) < 2:
+        return ""
+    return f"{low_high[0]:.0f}-{low_high[1]:.0f} ({row['rounds']} rounds)"
+
+
 def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| configuration | implementation | fwd tok/s | f+b tok/s | f+b ours/titans-pytorch | "
         "f+b ours/titans-pytorch bs=chunk | first fwd / f+b call s | peak RSS MiB | RSS after "
-        "imports MiB | XLA f+b buffers MiB | timed calls fwd/f+b |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "imports MiB | XLA f+b buffers MiB | timed calls fwd/f+b | f+b tok/s over rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_config: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -924,7 +956,7 @@ def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
         peer_b = impls.get("titans-pytorch batch_size=chunk", {}).get("backward_tok_s")
         for name, r in impls.items():
             if "error" in r:
-                lines.append(f"| {config} | {name} | error: {r['error']} | | | | | | | | |")
+                lines.append(f"| {config} | {name} | error: {r['error']} | | | | | | | | | |")
                 continue
             ours = name.startswith("ours")
             xla = r.get("xla_backward_mib")
@@ -934,7 +966,7 @@ def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
                 f" | {_ratio(r['backward_tok_s'], peer_b) if ours else ''}"
                 f" | {r['first_forward_s']:.1f} / {r['first_backward_s']:.1f}"
                 f" | {r['peak_rss_mib']:.0f} | {r['rss_imports_mib']:.0f}"
-                f" | {_fmt(xla, '.1f')} | {r.get('repeats_used', '')} |"
+                f" | {_fmt(xla, '.1f')} | {r.get('repeats_used', '')} | {_range(r)} |"
             )
     return "\n".join(lines)
 

@@ -100,6 +100,10 @@ def _bench_peers(args: argparse.Namespace) -> int:
         changes["out_dir"] = args.out_dir
     if "profile" in args.skip:
         changes["profile"] = ()
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
+    if args.implementations is not None:
+        changes["implementations"] = tuple(args.implementations)
     config = dataclasses.replace(config, **changes)
     command = "atlas-eqx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
@@ -250,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         choices=["layers", "profile", "lm"],
         help="peers: parts to skip",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="peers: measure the layers this many times, interleaved; keep the median round",
+    )
+    bench.add_argument(
+        "--implementations",
+        nargs="+",
+        default=None,
+        help="peers: layer rows to run (default: ours titans, titans-pytorch, titans-pytorch "
+        "batch_size=chunk, ours atlas, ours atlas muon_per_chunk)",
     )
     bench.set_defaults(run=_bench)
     return parser

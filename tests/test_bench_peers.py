@@ -144,3 +144,15 @@ def test_one_measurement_subprocess_per_framework_reports_its_numbers():
         assert result["peak_rss_mib"] >= result["rss_imports_mib"] > 0
         if spec["kind"] == "layer":
             assert result["forward_s"] > 0
+
+
+def test_the_median_round_is_kept_with_the_range():
+    rounds = [
+        dict(_layer_row("A", "ours titans", 10.0, b), backward_s=1.0 / b) for b in (3.0, 1.0, 2.0)
+    ]
+    row = bp._median_round(rounds)
+    assert row["backward_tok_s"] == 2.0 and row["rounds"] == 3
+    assert row["backward_range"] == (1.0, 3.0)
+    assert "1-3 (3 rounds)" in bp.format_layer_table([row])
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bp.run_layer_benchmark(bp.PeersBenchConfig(implementations=("nope",)))
