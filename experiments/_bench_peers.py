@@ -776,7 +776,8 @@ def run_layer_benchmark(
 ) -> list[dict[str, Any]]:
     """Item 1: every implementation at every matched configuration, one subprocess each;
     `config.rounds` times over, interleaved (round by round), keeping per row the round with
-    the median forward+backward time and the range of tokens/s over the rounds."""
+    the median forward+backward time (the faster of the two middle ones for an even count)
+    and the range of tokens/s over the rounds."""
     names = config.implementations if implementations is None else implementations
     known = {**LAYER_IMPLEMENTATIONS, **PROFILE_IMPLEMENTATIONS}
     unknown = [name for name in names if name not in known]
@@ -1132,7 +1133,8 @@ def plot_results(
     right.set_xlabel("sequence length T")
     right.set_ylabel("training-step tokens/s")
     right.set_title("language-model training step (ours)")
-    right.legend(fontsize=7)
+    if lm_rows:
+        right.legend(fontsize=7)
     right.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
