@@ -89,16 +89,50 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_peers(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shlex
+    import sys
+
+    from ._bench_peers import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
+
+    config = QUICK_CONFIG if args.quick else PeersBenchConfig()
+    changes = {}
+    if args.repeats is not None:
+        changes["repeats"] = args.repeats
+    if args.out_dir is not None:
+        changes["out_dir"] = args.out_dir
+    if "profile" in args.skip:
+        changes["profile"] = ()
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
+    if args.implementations is not None:
+        changes["implementations"] = tuple(args.implementations)
+    config = dataclasses.replace(config, **changes)
+    command = "atlas-eqx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_peers_benchmark(
+            config, command=command, layers="layers" not in args.skip, lm="lm" not in args.skip
+        )
+    except PeersMissing as error:
+        raise SystemExit(str(error)) from None
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ._bench import run_scan_benchmark, ScanBenchConfig
 
+    if args.what == "peers":
+        return _bench_peers(args)
     if args.what != "scan":
-        raise SystemExit(f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan")
+        raise SystemExit(
+            f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers"
+        )
     config = ScanBenchConfig(
         lengths=tuple(args.lengths),
         chunk_sizes=tuple(args.chunk_sizes),
         setups=tuple(args.setups),
-        repeats=args.repeats,
+        repeats=3 if args.repeats is None else args.repeats,
         d_k=args.dim,
         d_v=args.dim,
         hidden=args.hidden,
@@ -285,9 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks printed side by side in one run (speed is never a timed test)",
         description="bench scan: tokens/s of sequential vs chunked omega_scan, forward and "
-        "forward+backward, and the peak memory of forward+backward.",
+        "forward+backward, and the peak memory of forward+backward. bench peers: our titans "
+        "and atlas layers against titans-pytorch NeuralMemory (needs the `bench` extra), a "
+        "numerical cross-check, and the LM training step against attention; writes "
+        "experiments/results/bench_peers/.",
     )
-    bench.add_argument("what", choices=["scan"], help="which benchmark to run")
+    bench.add_argument("what", choices=["scan", "peers"], help="which benchmark to run")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 64])
     bench.add_argument(
@@ -304,12 +341,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="omega_scan methods to compare (pallas runs in interpret mode on CPU; on a GPU "
         "it is the Triton kernel); ratios are against the first method given",
     )
-    bench.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is kept")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats; the median is kept (default 3 for scan, 5 for peers)",
+    )
     bench.add_argument(
         "--dim", type=int, default=64, help="d_k = d_v (default 64, the 340M head dim)"
     )
     bench.add_argument("--hidden", type=int, default=128, help="MLP memory width (default 128)")
     bench.add_argument("--window", type=int, default=4, help="Omega window c (default 4)")
+    bench.add_argument(
+        "--quick", action="store_true", help="peers: tiny configurations (a smoke run)"
+    )
+    bench.add_argument(
+        "--out-dir", default=None, help="peers: default experiments/results/bench_peers"
+    )
+    bench.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["layers", "profile", "lm"],
+        help="peers: parts to skip",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="peers: measure the layers this many times, interleaved; keep the median round",
+    )
+    bench.add_argument(
+        "--implementations",
+        nargs="+",
+        default=None,
+        help="peers: layer rows to run (default: ours titans, titans-pytorch, titans-pytorch "
+        "batch_size=chunk, ours atlas, ours atlas muon_per_chunk)",
+    )
     bench.set_defaults(run=_bench)
 
     from ._results import RESULTS

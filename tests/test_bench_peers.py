@@ -1,0 +1,158 @@
+"""`atlas-eqx bench peers` (issue 8): the cross-check against titans-pytorch and fla, the
+message when the peers are missing, and the logic of the report. Speed is never asserted."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import _bench_peers as bp
+from experiments._cli import main
+
+
+def _hide_peers(monkeypatch):
+    # A None entry in sys.modules makes `import torch` raise ModuleNotFoundError.
+    for name in ("torch", "titans_pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_missing_peers_say_what_to_install(monkeypatch):
+    _hide_peers(monkeypatch)
+    with pytest.raises(bp.PeersMissing) as error:
+        bp.require_peers()
+    message = str(error.value)
+    assert "missing: torch" in message
+    for needed in ("pip install 'atlas-eqx[bench]'", "torch==2.13.0", "titans-pytorch==0.5.5"):
+        assert needed in message
+    with pytest.raises(SystemExit, match=r"torch==2\.13\.0.*titans-pytorch==0\.5\.5"):
+        main(["bench", "peers", "--quick", "--out-dir", "unused"])
+
+
+def test_bench_extra_pins_the_versions_the_message_names():
+    import tomllib
+
+    with open("pyproject.toml", "rb") as file:
+        extra = tomllib.load(file)["project"]["optional-dependencies"]["bench"]
+    assert f"torch=={bp.TORCH_VERSION}" in extra
+    assert f"titans-pytorch=={bp.TITANS_VERSION}" in extra
+    assert f"fla-core=={bp.FLA_CORE_VERSION}" in extra
+
+
+def _check(rows):
+    assert rows
+    for row in rows:
+        assert row["passed"], row
+        if not row["expect_equal"]:
+            # A definitional difference must be far above rounding, or the row proves nothing.
+            assert row["max_abs_error"] > 100 * row["tolerance"], row
+
+
+def test_omega_scan_equals_the_numpy_titans_pytorch_rule_without_torch():
+    """Our omega_scan = the NumPy transcription of titans-pytorch's rule at chunk_size=1
+    (batch_size = our chunk_size) and = DeltaNet's recurrence; needs no torch."""
+    rows = bp.cross_check_numpy(T=24, d=6, seed=3)
+    _check(rows)
+    names = {row["case"] for row in rows}
+    assert any("deltanet" in n for n in names) and any("titans: MLP" in n for n in names)
+
+
+def test_numpy_titans_rule_with_no_write_only_decays():
+    rng = np.random.default_rng(0)
+    T, d = 5, 3
+    W = [rng.normal(size=(d, d))]
+    q, k, v = rng.normal(size=(3, T, d))
+    keep = np.full(T, 0.5)
+    y = bp.numpy_titans_reference(W, q, k, v, np.zeros(T), keep, None, batch_size=2)
+    expected = np.stack([q[t] @ (W[0] * 0.5 ** (t + 1)) for t in range(T)])
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+
+
+def test_omega_scan_equals_titans_pytorch_and_fla():
+    pytest.importorskip("torch")
+    pytest.importorskip("titans_pytorch")
+    rows = bp.cross_check_peers(T=24, d=6, seed=1)
+    _check(rows)
+    references = {row["reference"] for row in rows}
+    assert "titans-pytorch NeuralMemory" in references
+    if bp.load_fla_naive_delta_rule() is not None:
+        assert "fla delta_rule_recurrence" in references
+
+
+def test_time_calls_stops_at_the_budget():
+    calls = []
+    first, median, n = bp._time_calls(lambda: calls.append(1), repeats=4)
+    assert (len(calls), n) == (5, 4) and first >= 0 and median >= 0
+    calls.clear()
+    _, _, n = bp._time_calls(lambda: calls.append(1), repeats=4, budget_s=0.0)
+    assert (len(calls), n) == (2, 1)
+
+
+def _layer_row(config, name, fwd, bwd):
+    return dict(
+        config=config,
+        implementation=name,
+        forward_tok_s=fwd,
+        backward_tok_s=bwd,
+        first_forward_s=1.0,
+        first_backward_s=2.0,
+        peak_rss_mib=100.0,
+        rss_imports_mib=50.0,
+        xla_backward_mib=None,
+        repeats_used="5/5",
+    )
+
+
+def test_targets_and_ratios_are_computed_from_the_rows():
+    rows = [
+        _layer_row("A", "ours titans", 300.0, 250.0),
+        _layer_row("A", "titans-pytorch", 100.0, 100.0),
+        _layer_row("A", "titans-pytorch batch_size=chunk", 50.0, 50.0),
+        _layer_row("A", "ours atlas", 90.0, 120.0),
+    ]
+    lm = [
+        dict(T=8192, preset="transformer", step_tok_s=10.0),
+        dict(T=8192, preset="titans", step_tok_s=15.0),
+        dict(T=512, preset="titans", step_tok_s=1.0),
+    ]
+    targets = bp.format_targets(rows, lm)
+    assert "| titans f+b >= 2x titans-pytorch | A | 2.50x | yes |" in targets
+    assert "fwd 0.90x, f+b 1.20x | no |" in targets  # atlas: forward slower than the peer
+    assert "| recurrent LM step faster than attention at T = 8192 | titans | 1.50x | yes |" in (
+        targets
+    )
+    table = bp.format_layer_table(rows)
+    assert "| A | ours titans | 300 | 250 | 2.50 | 5.00 |" in table
+    assert math.isclose(float(bp._ratio(3.0, 2.0)), 1.5)
+
+
+@pytest.mark.slow
+def test_one_measurement_subprocess_per_framework_reports_its_numbers():
+    """The subprocess plumbing: a JAX layer, a titans-pytorch layer and an LM step at tiny
+    sizes come back with positive times, a peak RSS above the post-import RSS, and finite
+    outputs."""
+    config = bp.PeersBenchConfig(repeats=1, budget_s=0.0, lm_repeats=1, lm_d_model=16)
+    layer = bp.LayerConfig(dim=8, heads=1, chunk=4, T=16)
+    specs = [bp._layer_spec("ours titans", layer, config), bp._lm_spec("titans", 16, config)]
+    specs[1]["chunk"] = 4
+    if bp.importlib.util.find_spec("titans_pytorch") is not None:
+        specs.append(bp._layer_spec("titans-pytorch batch_size=chunk", layer, config))
+    for spec in specs:
+        result = bp.run_child(spec, threads=2, timeout_s=600)
+        assert "error" not in result, result
+        assert result["backward_s"] > 0 and result["finite"]
+        assert result["peak_rss_mib"] >= result["rss_imports_mib"] > 0
+        if spec["kind"] == "layer":
+            assert result["forward_s"] > 0
+
+
+def test_the_median_round_is_kept_with_the_range():
+    rounds = [
+        dict(_layer_row("A", "ours titans", 10.0, b), backward_s=1.0 / b) for b in (3.0, 1.0, 2.0)
+    ]
+    row = bp._median_round(rounds)
+    assert row["backward_tok_s"] == 2.0 and row["rounds"] == 3
+    assert row["backward_range"] == (1.0, 3.0)
+    assert "1-3 (3 rounds)" in bp.format_layer_table([row])
+    with pytest.raises(ValueError, match="unknown implementation"):
+        bp.run_layer_benchmark(bp.PeersBenchConfig(implementations=("nope",)))
