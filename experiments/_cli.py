@@ -105,6 +105,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from ._results import RESULTS
+
+    if args.name not in RESULTS:
+        raise SystemExit(
+            f"atlas-eqx results: unknown result {args.name!r}; choose from {sorted(RESULTS)}"
+        )
+    print(RESULTS[args.name](args.out, quick=args.quick, progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atlas-eqx",
@@ -201,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hidden", type=int, default=128, help="MLP memory width (default 128)")
     bench.add_argument("--window", type=int, default=4, help="Omega window c (default 4)")
     bench.set_defaults(run=_bench)
+
+    results = commands.add_parser(
+        "results",
+        help="regenerate one results page under experiments/results/NAME (table + plot)",
+        description="results NAME: run one experiment of issue 7 item 6 and write its "
+        "results.md (a markdown table under the command that regenerates it) and a PNG plot. "
+        "Names: mqar-state (MQAR accuracy against state size), lm (byte-level bits per byte "
+        "and a Table-6 ablation), niah-extrapolate (S-NIAH trained at L, tested at 2L and 4L).",
+    )
+    results.add_argument("name", help="which result (mqar-state, lm, niah-extrapolate, ...)")
+    results.add_argument(
+        "--out", default=None, help="output directory (default experiments/results/NAME)"
+    )
+    results.add_argument("--quick", action="store_true", help="a tiny configuration (tests)")
+    results.add_argument("--no-progress", action="store_true", help="no progress bars")
+    results.set_defaults(run=_results)
     return parser
 
 
