@@ -67,6 +67,18 @@ def test_exact_match_and_byte_accuracy_on_s_niah_with_a_copying_model():
     assert bool(jnp.all(rt.answer_exact_match(oracle, jnp.asarray(task.targets))))
 
 
+def test_next_byte_targets_extend_the_answer_targets_to_every_byte():
+    task = s_niah(3, 600, "pk", seed=1)
+    full = rt.next_byte_targets(task)
+    scored = task.targets != IGNORE_INDEX
+    np.testing.assert_array_equal(full[scored], task.targets[scored])
+    for row, n in enumerate(task.metadata["lengths"]):
+        np.testing.assert_array_equal(full[row, : n - 1], task.inputs[row, 1:n])
+        assert full[row, n - 1] == task.targets[row, n - 1] != IGNORE_INDEX
+        assert np.all(full[row, n:] == IGNORE_INDEX)
+    assert min(task.metadata["lengths"]) < 600  # padding exists, so that branch is exercised
+
+
 def test_registry_names():
     assert {"mqar-state", "lm", "niah-extrapolate"} <= set(RESULTS)
     with pytest.raises(SystemExit, match="unknown result"):
