@@ -365,6 +365,38 @@ def run_mqar_state(
             + (f"; {beaten[0]}" if beaten else "")
             + "."
         )
+    # The paper's claim is per memory size: is atlas the best of all runs whose state is no
+    # larger than its own?
+    per_state = []
+    if "atlas" in config.presets:
+        points = [
+            (next(iter(results.values())).state_floats, _best(results)[0], preset, d_model)
+            for (preset, d_model, _), results in grid.items()
+        ]
+        for d_model, n_heads in config.sizes:
+            results = grid[("atlas", d_model, n_heads)]
+            floats, accuracy = next(iter(results.values())).state_floats, _best(results)[0]
+            rivals = [p for p in points if p[0] <= floats and p[2] != "atlas"]
+            if not rivals:
+                continue
+            top = max(rivals, key=lambda p: p[1] if np.isfinite(p[1]) else -math.inf)
+            outcome = "atlas is the best" if accuracy > top[1] else "atlas is **not** the best"
+            per_state.append(
+                f"- state <= {floats:,} floats (atlas at d_model {d_model}: {accuracy:.3f}): "
+                f"{outcome}; the best other run with at most that state is {top[2]} at d_model "
+                f"{top[3]} with {top[0]:,} floats ({top[1]:.3f})."
+            )
+    ratio_note = ""
+    first = config.sizes[0]
+    if ("atlas", *first) in grid and ("deltanet", *first) in grid:
+        ratio = (
+            next(iter(grid[("atlas", *first)].values())).state_floats
+            / next(iter(grid[("deltanet", *first)].values())).state_floats
+        )
+        ratio_note = (
+            f"; atlas's MLP memory and momentum make its state {ratio:.1f}x deltanet's at the "
+            "same d_model"
+        )
     plotted = _plot_mqar_state(grid, config, out / "accuracy_vs_state.png")
     body = (
         f"MQAR (Zoology multi-query associative recall): T = {task.seq_len}, "
@@ -389,7 +421,16 @@ def run_mqar_state(
         "| scale | not stated (Zoology protocol: T up to 512, d_model 64-512) | "
         f"T {task.seq_len}, d_model {', '.join(str(d) for d, _ in config.sizes)}, "
         f"{config.steps} steps |\n\n"
-        "Per size (best learning rate each):\n\n" + "\n".join(verdicts) + "\n\n"
+        + ("Per size:" if len(config.lrs) == 1 else "Per size (best learning rate each):")
+        + "\n\n"
+        + "\n".join(verdicts)
+        + (
+            "\n\nPer memory size (the paper's axis: every run of every size whose state is no "
+            f"larger than atlas's{ratio_note}):\n\n" + "\n".join(per_state)
+            if per_state
+            else ""
+        )
+        + "\n\n"
         "Read with care: this is a miniature with a few hundred training steps, where MQAR is "
         "still being learned (the paper's models are trained to convergence); differences of a "
         "few points are within the spread of a single seed. The atlas here is the approximate "
