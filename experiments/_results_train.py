@@ -226,7 +226,7 @@ class MQARStateConfig:
 
     sizes: tuple[tuple[int, int], ...] = ((16, 2), (32, 4), (64, 8))
     presets: tuple[str, ...] = MQAR_PRESETS
-    lrs: tuple[float, ...] = (5e-3,)
+    lrs: tuple[float, ...] = (5e-3, 1.5e-2)
     steps: int = 300
     batch_size: int = 32
     n_layers: int = 2
@@ -379,13 +379,27 @@ def run_mqar_state(
             rivals = [p for p in points if p[0] <= floats and p[2] != "atlas"]
             if not rivals:
                 continue
-            top = max(rivals, key=lambda p: p[1] if np.isfinite(p[1]) else -math.inf)
+
+            def score(p):
+                return p[1] if np.isfinite(p[1]) else -math.inf
+
+            top = max(rivals, key=score)
             outcome = "atlas is the best" if accuracy > top[1] else "atlas is **not** the best"
-            per_state.append(
+            line = (
                 f"- state <= {floats:,} floats (atlas at d_model {d_model}: {accuracy:.3f}): "
                 f"{outcome}; the best other run with at most that state is {top[2]} at d_model "
-                f"{top[3]} with {top[0]:,} floats ({top[1]:.3f})."
+                f"{top[3]} with {top[0]:,} floats ({top[1]:.3f})"
             )
+            recurrent = [p for p in rivals if p[2] not in ("transformer", "swa")]
+            if recurrent and top[2] in ("transformer", "swa"):
+                best_recurrent = max(recurrent, key=score)
+                line += (
+                    f"; among the recurrent models atlas "
+                    f"{'is' if accuracy > best_recurrent[1] else 'is **not**'} the best (best other: "
+                    f"{best_recurrent[2]} at d_model {best_recurrent[3]}, "
+                    f"{best_recurrent[1]:.3f})"
+                )
+            per_state.append(line + ".")
     ratio_note = ""
     first = config.sizes[0]
     if ("atlas", *first) in grid and ("deltanet", *first) in grid:
