@@ -209,7 +209,7 @@ def _stream(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     from ._results import run_result
 
-    run_result(args.name, args.out, quick=args.quick)
+    print(run_result(args.name, args.out, quick=args.quick, progress=not args.no_progress))
     return 0
 
 
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument(
         "--quick", action="store_true", help="tiny sizes (for tests); the files say so"
     )
+    results.add_argument("--no-progress", action="store_true", help="no progress bars")
     results.set_defaults(run=_results)
     return parser
 

@@ -1,15 +1,17 @@
 """`atlas-eqx results NAME`: the registry of result generators under `experiments/results/`.
 
-Each entry maps a name to a function `(out_dir, *, quick) -> markdown` that runs the
-experiment, writes `results.md` (a table with the command that regenerates it written above)
-and a PNG plot into `out_dir`, and returns the markdown. `quick=True` runs tiny sizes (for
-tests); the files then say so.
+Each entry maps a name to a function `(out_dir, *, quick=False, progress=True) -> markdown`
+that runs the experiment, writes `results.md` (a table with the command that regenerates it
+written above) and a PNG plot into `out_dir`, and returns the markdown. `quick=True` runs
+tiny sizes (for tests); the files then say so. `progress=False` turns off progress bars
+(generators without any ignore it).
 """
 
 import pathlib
 from collections.abc import Callable
 
 from ._results_probes import capacity_result, niah_probe_result
+from ._results_train import run_lm, run_mqar_state, run_niah_extrapolate
 
 
 ResultFunction = Callable[..., str]
@@ -17,6 +19,9 @@ ResultFunction = Callable[..., str]
 RESULTS: dict[str, ResultFunction] = {
     "capacity": capacity_result,
     "niah-probe": niah_probe_result,
+    "mqar-state": run_mqar_state,
+    "lm": run_lm,
+    "niah-extrapolate": run_niah_extrapolate,
 }
 
 
@@ -25,7 +30,13 @@ def default_out_dir(name: str) -> pathlib.Path:
     return pathlib.Path(__file__).parent / "results" / name
 
 
-def run_result(name: str, out_dir: str | pathlib.Path | None = None, *, quick: bool = False) -> str:
+def run_result(
+    name: str,
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    quick: bool = False,
+    progress: bool = True,
+) -> str:
     """Run the result generator `name` (a key of `RESULTS`) into `out_dir`."""
     if name not in RESULTS:
         raise SystemExit(
@@ -33,4 +44,4 @@ def run_result(name: str, out_dir: str | pathlib.Path | None = None, *, quick: b
         )
     out = default_out_dir(name) if out_dir is None else pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return RESULTS[name](out, quick=quick)
+    return RESULTS[name](out, quick=quick, progress=progress)

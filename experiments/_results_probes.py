@@ -593,8 +593,9 @@ def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) ->
     return True
 
 
-def capacity_result(out_dir: pathlib.Path, *, quick: bool = False) -> str:
-    """`atlas-eqx results capacity`: writes `results.md` and `capacity.png`."""
+def capacity_result(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) -> str:
+    """`atlas-eqx results capacity`: writes `results.md` and `capacity.png` (no progress bar:
+    `progress` is accepted for the registry's common signature)."""
     config = QUICK_CAPACITY if quick else CapacityConfig()
     command = "atlas-eqx results capacity" + (" --quick" if quick else "")
     start = time.perf_counter()
@@ -1108,7 +1109,7 @@ def _plot_niah(config: NiahProbeConfig, records: list[dict], path: pathlib.Path)
     return True
 
 
-def niah_probe_result(out_dir: pathlib.Path, *, quick: bool = False) -> str:
+def niah_probe_result(out_dir: pathlib.Path, *, quick: bool = False, progress: bool = True) -> str:
     """`atlas-eqx results niah-probe`: writes `results.md` and `niah_probe.png`."""
     config = QUICK_NIAH if quick else NiahProbeConfig()
     command = "atlas-eqx results niah-probe" + (" --quick" if quick else "")
@@ -1116,7 +1117,7 @@ def niah_probe_result(out_dir: pathlib.Path, *, quick: bool = False) -> str:
     memories = probe_memories()
     if config.memories is not None:
         memories = tuple(m for m in memories if m.name in config.memories)
-    records = run_niah_probe(config, memories, config.haystacks, progress=not quick)
+    records = run_niah_probe(config, memories, config.haystacks, progress=progress and not quick)
     markdown = _format_niah(config, records, command, quick)
     markdown += (
         f"\nWall time of this run: {time.perf_counter() - start:.0f} s ({jax.default_backend()}).\n"
