@@ -942,6 +942,14 @@ def _range(row: dict[str, Any]) -> str:
     return f"{low_high[0]:.0f}-{low_high[1]:.0f} ({row['rounds']} rounds)"
 
 
+def _rows_by_config(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The layer rows grouped as `{configuration: {implementation: row}}`, in order."""
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    return by_config
+
+
 def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| configuration | implementation | fwd tok/s | f+b tok/s | f+b ours/titans-pytorch | "
@@ -949,9 +957,7 @@ def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
         "imports MiB | XLA f+b buffers MiB | timed calls fwd/f+b | f+b tok/s over rounds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_config: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    by_config = _rows_by_config(rows)
     for config, impls in by_config.items():
         peer = impls.get("titans-pytorch", {}).get("backward_tok_s")
         peer_b = impls.get("titans-pytorch batch_size=chunk", {}).get("backward_tok_s")
@@ -978,9 +984,7 @@ def format_forward_ratios(rows: Sequence[dict[str, Any]]) -> str:
         "bs=chunk |",
         "|---|---|---|---|",
     ]
-    by_config: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    by_config = _rows_by_config(rows)
     for config, impls in by_config.items():
         peer = impls.get("titans-pytorch", {}).get("forward_tok_s")
         peer_b = impls.get("titans-pytorch batch_size=chunk", {}).get("forward_tok_s")
@@ -995,9 +999,7 @@ def format_forward_ratios(rows: Sequence[dict[str, Any]]) -> str:
 
 def format_targets(rows: Sequence[dict[str, Any]], lm_rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| target | configuration | measured | met? |", "|---|---|---|---|"]
-    by_config: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_config.setdefault(r["config"], {})[r["implementation"]] = r
+    by_config = _rows_by_config(rows)
     get = lambda impls, name, key: impls.get(name, {}).get(key)
     for config, impls in by_config.items():
         peer = get(impls, "titans-pytorch", "backward_tok_s")
