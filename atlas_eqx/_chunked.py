@@ -16,10 +16,14 @@ for the MLP). Three forms compute this, each tested against `sequential_scan`:
 - `_linear_dual_scan`: linear memory, GD or momentum. Never forms per-position weights:
   $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with $C = L_\alpha
   \mathrm{diag}(\eta)L_\theta\Gamma$.
+- `_linear_dual_decay_first_scan`: the same with `decay_first=True` (Gated DeltaNet's order):
+  each step's residuals are taken at the decayed anchor $A_mW_s$, so the dual form runs over
+  the $cb$ (step, window offset) pairs.
 - `_mlp_dual_scan`: `MLPMemory`, GD or momentum. Every per-token gradient of every layer is a
   rank-1 outer product $\delta_i h_i^\top$, so each layer's read is the same dual form.
-- `_materialised_chunk`: anything else (Muon, gated MLP, `decay_first`): per-position momentum and
-  weights, batched preconditioning (Newton-Schulz over positions), per-position reads.
+- `_materialised_chunk`: anything else (Muon, gated MLP, `decay_first` on an MLP): per-position
+  momentum and weights, batched preconditioning (Newton-Schulz over positions), per-position
+  reads.
 """
 
 import functools
@@ -128,6 +132,84 @@ def _linear_dual_scan(W, S, chunks: _Chunk, objective, remat: bool):
         y = y - c.c_S[:, None] * (Q @ S.T)
         W_end = W_end - c.c_S[-1] * S
         S_end = c.B[-1] * S + (c.C_S[:, None] * residual).T @ Phi
+        return (W_end, S_end), y
+
+    inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
+    (W, S), y = _scan_chunks(body, (W, S), inputs, remat)
+    return y, W, S
+
+
+class _StepCoefficients(eqx.Module):
+    A: Float[Array, "*chunks b"]  # prod_{j<=t} alpha_j
+    B: Float[Array, "*chunks b"]  # prod_{j<=t} theta_j
+    M: Float[Array, "*chunks b b"]  # step m's gradient -> W_t
+    c_S: Float[Array, "*chunks b"]  # S_s -> W_t
+    theta_end: Float[Array, "*chunks b"]  # step m's gradient -> S at the chunk end
+    step_gates: Float[Array, "*chunks b c"]  # gate of the token o steps behind step m
+
+
+def _step_coefficients(chunk: _Chunk, uses_momentum: bool, window: int) -> _StepCoefficients:
+    L_alpha = decay_matrix(chunk.decay)
+    A = jnp.cumprod(chunk.decay)
+    eta_L = L_alpha * chunk.lr[None, :]
+    step_gates = jnp.stack(
+        [jnp.diagonal(chunk.gates, offset=window - 1 - o) for o in range(window)], axis=-1
+    )
+    if uses_momentum:
+        L_theta = decay_matrix(chunk.momentum)
+        return _StepCoefficients(
+            A=A,
+            B=jnp.cumprod(chunk.momentum),
+            M=eta_L @ L_theta,
+            c_S=eta_L @ jnp.cumprod(chunk.momentum),
+            theta_end=L_theta[-1],
+            step_gates=step_gates,
+        )
+    zeros = jnp.zeros_like(A)
+    return _StepCoefficients(
+        A=A, B=zeros, M=eta_L, c_S=zeros, theta_end=zeros, step_gates=step_gates
+    )
+
+
+def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
+    r"""Linear memory, GD or momentum, `decay_first=True`: step $m$'s gradients are taken at
+    $A_mW_s$, so token $i$'s residual differs per step. Each (step $m$, offset $o$) pair is a
+    virtual token with feature $\phi_{m-o}$ and residual
+    $r_{m,o} = \nabla\mathrm{obj}(A_m W_s\phi_{m-o}, v_{m-o})$, and the read is the same dual form
+    over the $cb$ virtual tokens: $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top)
+    - [M\odot G_o^\top\odot(Q\Phi_o^\top)]_o\,[r_{\cdot,o}]_o$ with $M = L_\alpha\mathrm{diag}(\eta)
+    L_\theta$ and $G_o[m]$ the gate of token $m-o$ in step $m$'s window. Exact for any objective;
+    no per-position weights.
+    """
+    n_e = chunks.features_e.shape[-2]
+    b = chunks.lr.shape[-1]
+    window = n_e - b + 1
+    coeffs = jax.vmap(_step_coefficients, in_axes=(0, None, None))(chunks, S is not None, window)
+    token_rows = [slice(window - 1 - o, window - 1 - o + b) for o in range(window)]
+    residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
+
+    def body(carry, inputs):
+        W, S = carry
+        Phi, V, Q, c = inputs
+        prediction = Phi @ W.T
+        QPhi = Q @ Phi.T
+        residuals = jnp.concatenate(
+            [residual_of(objective, c.A[:, None] * prediction[r], V[r]) for r in token_rows]
+        )
+        features = jnp.concatenate([Phi[r] for r in token_rows])
+        read_coeffs = jnp.concatenate(
+            [c.M * c.step_gates[:, o][None, :] * QPhi[:, r] for o, r in enumerate(token_rows)],
+            axis=1,
+        )
+        y = c.A[:, None] * (Q @ W.T) - read_coeffs @ residuals
+        end_coeffs = (c.M[-1][:, None] * c.step_gates).T.reshape(-1)
+        W_end = c.A[-1] * W - (end_coeffs[:, None] * residuals).T @ features
+        if S is None:
+            return (W_end, None), y
+        y = y - c.c_S[:, None] * (Q @ S.T)
+        W_end = W_end - c.c_S[-1] * S
+        momentum_coeffs = (c.theta_end[:, None] * c.step_gates).T.reshape(-1)
+        S_end = c.B[-1] * S + (momentum_coeffs[:, None] * residuals).T @ features
         return (W_end, S_end), y
 
     inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
@@ -435,19 +517,20 @@ def chunked_scan(
     memory = state.memory
     params, static = eqx.partition(memory, eqx.is_inexact_array)
     identity_precondition = optimizer.precondition is iopt.no_precondition
-    dual = identity_precondition and not decay_first and not force_materialised
+    dual = identity_precondition and not force_materialised
     uses_momentum = optimizer.uses_momentum
 
     if dual and isinstance(memory, LinearMemory):
         S0 = state.optimizer_state.momentum.weight if uses_momentum else None
-        y, W, S = _linear_dual_scan(memory.weight, S0, chunks, objective, remat)
+        linear_scan = _linear_dual_decay_first_scan if decay_first else _linear_dual_scan
+        y, W, S = linear_scan(memory.weight, S0, chunks, objective, remat)
         new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weight, state.optimizer_state.momentum, S))
             if uses_momentum
             else state.optimizer_state
         )
-    elif dual and isinstance(memory, MLPMemory):
+    elif dual and not decay_first and isinstance(memory, MLPMemory):
         S0 = state.optimizer_state.momentum.weights if uses_momentum else None
         y, new_memory, S = _mlp_dual_scan(memory, S0, chunks, objective, remat)
         new_opt = (

@@ -339,7 +339,8 @@ def _form(name: str) -> str:
         ("mlp3", "momentum", {}, "_mlp_dual"),
         ("linear", "momentum", {"force_materialised": True}, "_materialised_chunk"),
         ("mlp2", "gd", {"force_materialised": True}, "_materialised_chunk"),
-        ("linear", "gd", {"decay_first": True}, "_materialised_chunk"),
+        ("linear", "gd", {"decay_first": True}, "_linear_dual"),
+        ("linear", "momentum", {"decay_first": True}, "_linear_dual"),
         ("mlp3", "momentum", {"decay_first": True}, "_materialised_chunk"),
         ("linear", "muon", {}, "_materialised_chunk"),
         ("mlp2", "muon_eta_inside", {}, "_materialised_chunk"),
@@ -351,7 +352,8 @@ def _form(name: str) -> str:
 )
 def test_chunk_form_dispatch(monkeypatch, kind, opt, extra, expected):
     """GD and momentum on linear and MLP memories never materialise per-position weights (the
-    dual forms of digest 6.2); Muon, the gated MLP, decay_first and `force_materialised` do.
+    dual forms of digest 6.2), nor does decay_first on a linear memory; Muon, the gated MLP,
+    decay_first on an MLP and `force_materialised` do.
     Only traced (`jax.eval_shape`), never compiled."""
     calls = _spy_on_chunk_forms(monkeypatch)
     memory, x = setup(kind, opt, 2, "token", "identity", 0, 5)
@@ -375,8 +377,9 @@ def test_chunk_form_dispatch(monkeypatch, kind, opt, extra, expected):
 @FEW
 @given(data=st.data())
 def test_i5_dual_forms_equal_materialised(data):
-    """I-5: reads and end-of-chunk states of `_linear_dual_chunk` / `_mlp_dual_chunk` equal those
-    of the materialised per-position weights (`force_materialised=True`), for GD and momentum."""
+    """I-5: reads and end-of-chunk states of the dual forms (`_linear_dual_scan`,
+    `_linear_dual_decay_first_scan`, `_mlp_dual_scan`) equal those of the materialised
+    per-position weights (`force_materialised=True`), for GD and momentum."""
     draw = data.draw
     kind, opt, window, gate_kind, phi, objective = draw_config(
         draw, memories=("linear", "mlp2", "mlp3"), optimizers=("gd", "momentum")
@@ -384,13 +387,14 @@ def test_i5_dual_forms_equal_materialised(data):
     b = draw(st.sampled_from([2, 3, 4]), label="chunk_size")
     T = draw(st.sampled_from([5, 7, 9]), label="T")
     seed = draw(SEEDS, label="seed")
+    decay_first = kind == "linear" and draw(st.booleans(), label="decay_first")
     memory, x = setup(kind, opt, window, gate_kind, phi, seed, T, edges=draw(st.booleans()))
     kw: dict[str, Any] = dict(
         objective=OBJECTIVES[objective],
         optimizer=OPTIMIZERS[opt],
         window=window,
         chunk_size=b,
-        decay_first=False,
+        decay_first=decay_first,
     )
     y_dual, state_dual = run_direct(memory, x, feature_map=PHIS[phi], **kw)
     y_mat, state_mat = run_direct(memory, x, feature_map=PHIS[phi], force_materialised=True, **kw)
