@@ -383,10 +383,25 @@ def _per_chunk_muon_chunk(
     step_scale = chunk.valid if optimizer.eta_inside_precondition else chunk.lr
     scale = L_alpha[-1] @ step_scale
     new_params = jax.tree.map(lambda w, o: A[-1] * w - scale * o, params, direction)
-    y = jax.vmap(lambda a, x: eqx.combine(jax.tree.map(lambda w: a * w, params), static)(x))(
-        A, chunk.features_q
-    )
+    y = _decayed_reads(eqx.combine(params, static), A, chunk.features_q)
     return y, new_params, iopt.MomentumState(momentum_end)
+
+
+def _decayed_reads(memory, A: Float[Array, " b"], X: Float[Array, "b d_in"]) -> Array:
+    r"""$y_t = \mathcal M(x_t; A_tW)$ for every row: the scalar $A_t$ is moved through each matmul
+    ($(A_tW)h = A_t(Wh)$), so no per-position weights are formed."""
+    if isinstance(memory, LinearMemory):
+        return A[:, None] * (X @ memory.weight.T)
+    if isinstance(memory, MLPMemory):
+        h = X
+        for weight in memory.weights[:-1]:
+            h = jax.vmap(memory.activation)(A[:, None] * (h @ weight.T))
+        out = A[:, None] * (h @ memory.weights[-1].T)
+        return X + out if memory.residual else out
+    params, static = eqx.partition(memory, eqx.is_inexact_array)
+    return jax.vmap(lambda a, x: eqx.combine(jax.tree.map(lambda w: a * w, params), static)(x))(
+        A, X
+    )
 
 
 def _band_gates(
