@@ -400,8 +400,11 @@ def causal_depthwise_conv(
     K = weight.shape[1]
     T = x.shape[0]
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=0)
-    taps = jnp.stack([padded[j : j + T] for j in range(K)], axis=-1)
-    y = jnp.einsum("tck,ck->tc", taps, weight.astype(x.dtype))
+    weight = weight.astype(x.dtype)
+    # A sum of K shifted, scaled copies. (Stacking the taps for an einsum over K lowers to a
+    # batched dot of length-K rows: the titans layer's forward+backward at T = 2048, d_model
+    # 128 took 553 ms with it against 454 ms with this, same process, interleaved.)
+    y = sum(padded[j : j + T] * weight[:, j] for j in range(K))
     return y, padded[T:]
 
 
