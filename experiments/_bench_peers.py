@@ -30,10 +30,14 @@ subprocess pinned to two CPUs (`os.sched_setaffinity` before jax or torch is imp
 "first call", compilation for JAX), then `repeats` timed calls, and keeps the median; first
 the forward, then the forward+backward (gradient of `mean(y**2)` with respect to every
 parameter; torch forward under `torch.no_grad()`). **Peak memory** is the subprocess's
-`ru_maxrss` (the high-water mark of resident memory over the whole child: imports, build,
+`VmHWM` (the high-water mark of resident memory over the whole child: imports, build,
 compilation, forward and forward+backward), reported beside the resident memory right after
 the imports, so both frameworks are measured by the same rule; `tracemalloc` would not see
-XLA's or torch's allocators. For JAX the compiled forward+backward's own buffer assignment
+XLA's or torch's allocators. Not `ru_maxrss`: Linux carries the parent's high-water mark
+into a child started by `subprocess` (fork or vfork, then exec), so a child's `ru_maxrss` is
+at least the parent's peak at the time of the spawn (measured: a 600 MiB parent gives a bare
+Python child `ru_maxrss` 614 MiB and `VmHWM` 13 MiB); before this was noticed (the stream part)
+the peak RSS of `results.md` was `ru_maxrss`, so a row's peak there may be the parent's. For JAX the compiled forward+backward's own buffer assignment
 (`memory_analysis`: arguments + outputs + temporaries) is given too.
 """
 
@@ -534,6 +538,11 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak resident memory, `VmHWM` of `/proc/self/status`, in MiB (see the
+    module docstring for why not `ru_maxrss`); `ru_maxrss` where there is no `/proc`."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -1199,7 +1208,7 @@ def run_peers_benchmark(
             f"{config.budget_s:.0f} s of timed calls are spent: the column 'timed calls' gives "
             "the count). Measured by the rules "
             "in the docstring of `experiments/_bench_peers.py`: one fresh subprocess per "
-            "row; peak RSS is that process's `ru_maxrss` (imports, build, compilation, "
+            "row; peak RSS is that process's `VmHWM` (imports, build, compilation, "
             "forward and forward+backward together), beside its resident memory after the "
             "imports; XLA f+b buffers is the compiled forward+backward's buffer assignment.",
             "## 1. Matched memory layers: ours against titans-pytorch `NeuralMemory`",

@@ -24,8 +24,11 @@ tokens would (digest I-7; `tests/test_bench_stream.py` checks it).
 the resident memory (`VmRSS`) right after it; tokens/s over the remaining calls (each call
 waits for its result, as a consumer of the stream would); `VmRSS` after every call, kept as a
 trace, its maximum after the first call and its value at the end; the peak resident memory
-(`ru_maxrss`) of the whole subprocess; and the bytes of the carried state. "Memory flat in T"
-means: the growth from after the first call to the end is small and does not increase with T.
+(`VmHWM`, not `ru_maxrss`, which in a child holds its parent's peak) of the whole subprocess;
+and the bytes of the carried state. "Memory flat in T" is judged from these numbers: the
+growth from after the first call to the end must not scale with T (its bytes per token fall
+as T grows) and must stay far below what holding the stream's own q, k, v would take
+($3d$ float32 per token).
 
 **Exact Muon.** Per-token Muon runs Newton-Schulz on every position's momentum; on a CPU that
 is about 1000 tokens/s at head dimension 64. `exact_budget_s` bounds the time spent on exact
@@ -110,9 +113,10 @@ QUICK_STREAM_CONFIG = StreamBenchConfig(
 # The scan (imported lazily: the parent process of `bench peers` never needs jax for this).
 
 
-def stream_setup(name: str, head_dim: int, chunk: int) -> dict[str, Any]:
+def stream_setup(name: str, head_dim: int, chunk: int, dtype: Any = None) -> dict[str, Any]:
     """The preset's memory configuration for one head of dimension `head_dim`: `config` (its
-    `MemoryLayerConfig`), `memory` ($\\mathcal M_0$, float32), `feature_map`, `optimizer`."""
+    `MemoryLayerConfig`), `memory` ($\\mathcal M_0$ in `dtype`, default float32),
+    `feature_map`, `optimizer`."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -128,7 +132,8 @@ def stream_setup(name: str, head_dim: int, chunk: int) -> dict[str, Any]:
     layer = factory(head_dim, 1, key=jax.random.key(0), chunk_size=chunk, **entry["options"])
     config = layer.config
     memory = config.make_memory(key=jax.random.key(1))
-    memory = jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, memory)
+    dtype = jnp.float32 if dtype is None else dtype
+    memory = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, memory)
     return dict(
         config=config,
         memory=memory,
@@ -419,25 +424,29 @@ def format_stream_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def flatness_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Per memory: RSS at the end of the shortest and the longest stream, and the largest
-    growth after the first call, from the rows (the evidence for "flat in T")."""
+def flatness_summary(rows: Sequence[dict[str, Any]], head_dim: int) -> list[str]:
+    """Per memory: the growth of RSS (after the first call to the end) and the peak at every
+    T, and the growth per token at the longest T against the bytes per token that holding
+    the stream's q, k, v (float32) would take: the evidence for or against "flat in T"."""
     lines = []
+    held = 3 * head_dim * 4  # bytes per token of q, k, v in float32
     for name in dict.fromkeys(r["memory"] for r in rows):
         good = sorted(
             (r for r in rows if r["memory"] == name and "error" not in r), key=lambda r: r["T"]
         )
         if len(good) < 2:
             continue
-        short, long = good[0], good[-1]
-        growth = max(abs(r["growth_mib"]) for r in good)
+        long = good[-1]
+        per_token = long["growth_mib"] * 2**20 / long["T"]
         lines.append(
-            f"- **{name}**: RSS at the end {short['rss_end_mib']:.1f} MiB at T = "
-            f"{short['T']:,} and {long['rss_end_mib']:.1f} MiB at T = {long['T']:,} "
-            f"({long['T'] // short['T']}x the tokens; difference "
-            f"{long['rss_end_mib'] - short['rss_end_mib']:+.1f} MiB); peak RSS "
-            f"{short['peak_rss_mib']:.1f} and {long['peak_rss_mib']:.1f} MiB; the largest "
-            f"|growth| from after the first call to the end is {growth:.1f} MiB."
+            f"- **{name}**: growth "
+            + ", ".join(f"{r['growth_mib']:+.1f} MiB at {_tokens(r['T'])}" for r in good)
+            + f" ({long['T'] // good[0]['T']}x the tokens); RSS at the end "
+            f"{good[0]['rss_end_mib']:.1f} -> {long['rss_end_mib']:.1f} MiB, peak "
+            f"{good[0]['peak_rss_mib']:.1f} -> {long['peak_rss_mib']:.1f} MiB. At "
+            f"T = {long['T']:,} the growth is {per_token:.1f} bytes per token, against "
+            f"{held} bytes per token ({held * long['T'] / 2**20:,.0f} MiB) to hold the "
+            "stream's q, k, v."
         )
     return lines
 
@@ -508,7 +517,7 @@ def stream_markdown(
         "traced in the run), float32, random unit queries and keys, random values, the "
         "preset's initial gates held fixed; each row a fresh subprocess pinned to 2 CPUs. "
         "tok/s excludes the first call (compilation); RSS is `VmRSS` sampled after every "
-        "call, peak RSS the subprocess's `ru_maxrss` (imports and compilation included); "
+        "call, peak RSS the subprocess's `VmHWM` (imports and compilation included); "
         "growth = RSS at the end minus RSS after the first call."
     )
     if any(r["memory"] == "atlas muon_per_chunk" for r in rows):
@@ -538,7 +547,7 @@ def stream_markdown(
     ]
     if notes:
         parts.append("Left out:\n\n" + "\n".join(f"- {n}" for n in notes))
-    summary = flatness_summary(rows)
+    summary = flatness_summary(rows, config.head_dim)
     if summary:
         parts.append("Memory against T, from the rows above:\n\n" + "\n".join(summary))
     setups = {r["memory"]: r["setup"] for r in rows if "setup" in r}
