@@ -38,6 +38,7 @@ projects that T to under `exact_budget_s` seconds; the long rows use `muon_per_c
 """
 
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -490,7 +491,8 @@ def plot_stream(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> bool:
     left.set_ylabel("tokens/s after the first call")
     left.set_title("memory-only streaming, one head, float32, 2 threads")
     right.set_xlabel("tokens streamed so far")
-    right.set_ylabel("resident memory VmRSS (MiB)")
+    right.set_ylim(bottom=0)
+    right.set_ylabel("resident memory VmRSS (MiB), from 0")
     right.set_title("VmRSS after every call (one line per run)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -574,11 +576,14 @@ def write_stream_results(
     versions: str,
     run: Callable[[dict[str, Any], int, float], dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Run the `stream` part and write `stream.md` and `stream.png` under `out_dir`."""
+    """Run the `stream` part and write `stream.md`, `stream.png` and `stream.json` (the rows
+    with their RSS traces) under `out_dir`."""
     print("streaming inference ...", flush=True)
     rows, notes = run_stream_benchmark(config, run=run)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    record = dict(command=command, machine=machine, versions=versions, rows=rows, notes=notes)
+    (out / "stream.json").write_text(json.dumps(record, indent=1) + "\n")
     plotted = plot_stream(rows, out / "stream.png")
     text = stream_markdown(
         rows, notes, config, command=command, machine=machine, versions=versions, plotted=plotted

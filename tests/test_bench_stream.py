@@ -4,6 +4,7 @@ carried state equals one `omega_scan` over the concatenated tokens (the claim be
 `--skip stream` / `--ten-million`. No torch needed; speed is never asserted."""
 
 import dataclasses
+import json
 import pathlib
 
 import equinox as eqx
@@ -128,6 +129,8 @@ def test_the_stream_part_at_a_tiny_length_writes_rows_table_and_plot(tmp_path):
     assert "```\natlas-eqx bench peers\n```" in text
     assert "| atlas muon_per_chunk | 512 | 2 |" in text
     assert (tmp_path / "stream.png").exists()
+    saved = json.loads((tmp_path / "stream.json").read_text())
+    assert [r["memory"] for r in saved["rows"]] == list(MEMORIES)
 
 
 def _fake_run(tok_s):
@@ -240,3 +243,22 @@ def test_the_stream_part_in_its_pinned_subprocesses(tmp_path):
     assert rows[0]["peak_rss_mib"] >= rows[0]["rss_imports_mib"] > 0
     assert rows[0]["compilations"] == 1 and rows[0]["finite"]
     assert pathlib.Path(bs.__file__).name == "_bench_stream.py"
+
+
+def test_a_subprocess_peak_is_its_own_not_the_parents():
+    """`ru_maxrss` of a child started by `subprocess` carries the parent's high-water mark on
+    Linux; `_peak_rss_mib` (VmHWM) must not: a bare child of this big process stays small."""
+    import subprocess
+    import sys
+
+    if not pathlib.Path("/proc/self/status").exists():
+        pytest.skip("needs /proc")
+    ballast = np.ones(300 * 2**20 // 8)  # make sure this process has a peak above 300 MiB
+    assert bp._peak_rss_mib() >= bp._rss_mib() > 250
+    code = "from experiments._bench_peers import _peak_rss_mib; print(_peak_rss_mib())"
+    env = bp._child_environment(1)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert float(done.stdout.strip()) < 200, done.stdout
+    del ballast
