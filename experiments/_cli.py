@@ -112,6 +112,13 @@ def _bench_peers(args: argparse.Namespace) -> int:
         stream = QUICK_STREAM_CONFIG if args.quick else StreamBenchConfig()
         if args.ten_million:
             stream = dataclasses.replace(stream, lengths=stream.lengths + (TEN_MILLION,))
+        if args.stream_memories is not None:
+            stream = dataclasses.replace(stream, memories=tuple(args.stream_memories))
+    elif args.stream_memories is not None:
+        raise SystemExit(
+            "atlas-eqx bench peers: --stream-memories chooses the rows of the stream part, "
+            "which --skip stream skips; drop one of the two"
+        )
     config = QUICK_CONFIG if args.quick else PeersBenchConfig()
     changes = {}
     if args.repeats is not None:
@@ -386,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["layers", "profile", "lm", "stream"],
         help="peers: parts to skip (with both layers and lm skipped, results.md is kept as it "
         "is; the stream part writes stream.md)",
+    )
+    bench.add_argument(
+        "--stream-memories",
+        nargs="+",
+        default=None,
+        choices=["atlas (exact Muon)", "atlas muon_per_chunk", "titans"],
+        help="peers: rows of the stream part (default: all three)",
     )
     bench.add_argument(
         "--ten-million",

@@ -262,3 +262,34 @@ def test_a_subprocess_peak_is_its_own_not_the_parents():
     )
     assert float(done.stdout.strip()) < 200, done.stdout
     del ballast
+
+
+def test_stream_memories_selects_the_rows(no_peers, tmp_path):
+    out = str(tmp_path)
+    skip_rest = ["--skip", "layers", "profile", "lm"]
+    main(["bench", "peers", "--out-dir", out, *skip_rest, "--stream-memories", "titans"])
+    assert no_peers[-1].memories == ("titans",)
+    with pytest.raises(SystemExit, match="--stream-memories .* --skip stream"):
+        main(
+            [
+                "bench",
+                "peers",
+                "--out-dir",
+                out,
+                *skip_rest,
+                "stream",
+                "--stream-memories",
+                "titans",
+            ]
+        )
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["bench", "peers", "--out-dir", out, "--stream-memories", "atlas"])
+    # The parser's choices are the module's names.
+    import argparse
+
+    from experiments._cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    bench = commands.choices["bench"]
+    option = next(a for a in bench._actions if a.dest == "stream_memories")
+    assert list(option.choices or ()) == list(bs.STREAM_MEMORIES)
