@@ -372,7 +372,7 @@ def run_stream_benchmark(
             rows.append(row)
             print(format_stream_line(row), flush=True)
         if exact:
-            measured = [r.get("tok_s") for r in rows if r["memory"] == name and r.get("tok_s")]
+            measured = [float(r["tok_s"]) for r in rows if r["memory"] == name and r.get("tok_s")]
             tok_s = max(measured) if measured else None
             for T in [T for T in lengths if T not in todo]:
                 projected = None if tok_s is None else T / tok_s
