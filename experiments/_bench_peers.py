@@ -1,6 +1,7 @@
 r"""`atlas-eqx bench peers`: our memory layers against titans-pytorch, side by side in one run.
 
-Four parts (issue 8, items 1, 2, 3 and 5):
+Five parts (issue 8, items 1 to 5; item 4, streaming inference, is `experiments._bench_stream`
+and writes its own `stream.md`):
 
 1. **Matched layers.** Our `titans` preset (and `atlas` beside it) against titans-pytorch's
    `NeuralMemory` at the same width, heads, chunk, length, batch 2 and float32: forward and
@@ -18,7 +19,10 @@ Four parts (issue 8, items 1, 2, 3 and 5):
    printed as such.
 3. **Language-model training step** of our `transformer` preset against recurrent presets at
    T in {512, 2048, 8192}.
-4. **Output**: `results.md` (tables, ratios ours/peer) and `throughput.png`.
+4. **Streaming inference** (part `stream`, `experiments._bench_stream`): tokens/s and resident
+   memory of a memory-only atlas scan (and titans) streamed at 16K, 128K and 1M tokens (10M
+   with `--ten-million`), one subprocess per length: `stream.md` and `stream.png`.
+5. **Output**: `results.md` (tables, ratios ours/peer) and `throughput.png`.
 
 **How it is measured.** Every (implementation, configuration) runs in a fresh Python
 subprocess pinned to two CPUs (`os.sched_setaffinity` before jax or torch is imported,
@@ -26,10 +30,14 @@ subprocess pinned to two CPUs (`os.sched_setaffinity` before jax or torch is imp
 "first call", compilation for JAX), then `repeats` timed calls, and keeps the median; first
 the forward, then the forward+backward (gradient of `mean(y**2)` with respect to every
 parameter; torch forward under `torch.no_grad()`). **Peak memory** is the subprocess's
-`ru_maxrss` (the high-water mark of resident memory over the whole child: imports, build,
+`VmHWM` (the high-water mark of resident memory over the whole child: imports, build,
 compilation, forward and forward+backward), reported beside the resident memory right after
 the imports, so both frameworks are measured by the same rule; `tracemalloc` would not see
-XLA's or torch's allocators. For JAX the compiled forward+backward's own buffer assignment
+XLA's or torch's allocators. Not `ru_maxrss`: Linux carries the parent's high-water mark
+into a child started by `subprocess` (fork or vfork, then exec), so a child's `ru_maxrss` is
+at least the parent's peak at the time of the spawn (measured: a 600 MiB parent gives a bare
+Python child `ru_maxrss` 614 MiB and `VmHWM` 13 MiB); before this was noticed (the stream part)
+the peak RSS of `results.md` was `ru_maxrss`, so a row's peak there may be the parent's. For JAX the compiled forward+backward's own buffer assignment
 (`memory_analysis`: arguments + outputs + temporaries) is given too.
 """
 
@@ -49,6 +57,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from ._bench_stream import DEFAULT_STREAM_CONFIG, StreamBenchConfig, write_stream_results
 
 
 TORCH_VERSION = "2.13.0"
@@ -528,6 +538,11 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak resident memory, `VmHWM` of `/proc/self/status`, in MiB (see the
+    module docstring for why not `ru_maxrss`); `ru_maxrss` where there is no `/proc`."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -685,7 +700,11 @@ def _child_main() -> None:
     printed as one JSON line prefixed by `RESULT `."""
     spec = json.loads(sys.argv[1])
     os.sched_setaffinity(0, spec["cpus"])  # before jax or torch start their thread pools
-    if spec["framework"] == "torch":
+    if spec["kind"] == "stream":
+        from ._bench_stream import measure_stream
+
+        result = measure_stream(spec)
+    elif spec["framework"] == "torch":
         result = _measure_torch_layer(spec, spec["threads"])
     elif spec["kind"] == "lm":
         result = _measure_lm_step(spec)
@@ -1151,12 +1170,17 @@ def run_peers_benchmark(
     command: str = "atlas-eqx bench peers",
     layers: bool = True,
     lm: bool = True,
+    stream: StreamBenchConfig | None = DEFAULT_STREAM_CONFIG,
 ) -> str:
-    """Items 1, 2, 3 and 5: run everything, write `results.md` and `throughput.png` under
-    `config.out_dir`, and return the markdown."""
+    """Items 1 to 5: run everything, write `results.md` and `throughput.png` under
+    `config.out_dir`, and return the markdown. `stream` (item 4, `None` skips it) writes its
+    own `stream.md` and `stream.png` there (`experiments._bench_stream`). With `layers` and
+    `lm` both off, `results.md` is left as it is (only the cross-check and the stream part
+    run), so that rerunning the stream part alone does not blank the layer tables."""
     require_peers()
     machine = _machine_line()
-    print(f"{command}\n{machine}\n{_versions()}", flush=True)
+    versions = _versions()
+    print(f"{command}\n{machine}\n{versions}", flush=True)
     rows = run_layer_benchmark(config) if layers else []
     profile = run_layer_benchmark(config, config.profile) if layers and config.profile else []
     print("numerical cross-check ...", flush=True)
@@ -1165,6 +1189,14 @@ def run_peers_benchmark(
     lm_rows = run_lm_benchmark(config) if lm else []
     out = pathlib.Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stream_text = None
+    if stream is not None:
+        _, stream_text = write_stream_results(
+            stream, out, command=command, machine=machine, versions=versions
+        )
+    if not (layers or lm):
+        print(f"{out / 'results.md'} not rewritten: the layers and lm parts were skipped")
+        return stream_text or ""
     plotted = plot_results(rows, lm_rows, out / "throughput.png")
     text = "\n\n".join(
         [
@@ -1176,7 +1208,7 @@ def run_peers_benchmark(
             f"{config.budget_s:.0f} s of timed calls are spent: the column 'timed calls' gives "
             "the count). Measured by the rules "
             "in the docstring of `experiments/_bench_peers.py`: one fresh subprocess per "
-            "row; peak RSS is that process's `ru_maxrss` (imports, build, compilation, "
+            "row; peak RSS is that process's `VmHWM` (imports, build, compilation, "
             "forward and forward+backward together), beside its resident memory after the "
             "imports; XLA f+b buffers is the compiled forward+backward's buffer assignment.",
             "## 1. Matched memory layers: ours against titans-pytorch `NeuralMemory`",
@@ -1207,6 +1239,12 @@ def run_peers_benchmark(
             f"{config.lm_layers} blocks, {config.lm_heads} heads, chunk {config.lm_chunk}, "
             f"batch {config.batch}; one jitted step = forward, backward and AdamW.",
             format_lm_table(lm_rows) if lm_rows else "(not run)",
+            "## 4. Streaming inference (part `stream`)",
+            "Tokens/s and resident memory of a memory-only atlas (and titans) scan streamed "
+            "in fixed-size calls with the carried state, at T up to 1M tokens: "
+            "[stream.md](stream.md), [stream.png](stream.png)"
+            + ("" if stream is not None else " (not rerun in this run: `--skip stream`)")
+            + ".",
             "## Targets",
             format_targets(rows, lm_rows),
             "![throughput](throughput.png)" if plotted else "(matplotlib missing: no plot)",

@@ -95,7 +95,30 @@ def _bench_peers(args: argparse.Namespace) -> int:
     import sys
 
     from ._bench_peers import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
+    from ._bench_stream import QUICK_STREAM_CONFIG, StreamBenchConfig, TEN_MILLION
 
+    if args.ten_million and "stream" in args.skip:
+        raise SystemExit(
+            "atlas-eqx bench peers: --ten-million adds a 10M-token row to the stream part, "
+            "which --skip stream skips; drop one of the two"
+        )
+    if args.ten_million and args.quick:
+        raise SystemExit(
+            "atlas-eqx bench peers: --ten-million and --quick contradict each other (--quick "
+            "streams a few hundred tokens)"
+        )
+    stream: StreamBenchConfig | None = None
+    if "stream" not in args.skip:
+        stream = QUICK_STREAM_CONFIG if args.quick else StreamBenchConfig()
+        if args.ten_million:
+            stream = dataclasses.replace(stream, lengths=stream.lengths + (TEN_MILLION,))
+        if args.stream_memories is not None:
+            stream = dataclasses.replace(stream, memories=tuple(args.stream_memories))
+    elif args.stream_memories is not None:
+        raise SystemExit(
+            "atlas-eqx bench peers: --stream-memories chooses the rows of the stream part, "
+            "which --skip stream skips; drop one of the two"
+        )
     config = QUICK_CONFIG if args.quick else PeersBenchConfig()
     changes = {}
     if args.repeats is not None:
@@ -112,7 +135,11 @@ def _bench_peers(args: argparse.Namespace) -> int:
     command = "atlas-eqx " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         run_peers_benchmark(
-            config, command=command, layers="layers" not in args.skip, lm="lm" not in args.skip
+            config,
+            command=command,
+            layers="layers" not in args.skip,
+            lm="lm" not in args.skip,
+            stream=stream,
         )
     except PeersMissing as error:
         raise SystemExit(str(error)) from None
@@ -321,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="bench scan: tokens/s of sequential vs chunked omega_scan, forward and "
         "forward+backward, and the peak memory of forward+backward. bench peers: our titans "
         "and atlas layers against titans-pytorch NeuralMemory (needs the `bench` extra), a "
-        "numerical cross-check, and the LM training step against attention; writes "
+        "numerical cross-check, the LM training step against attention, and streaming "
+        "inference of a memory-only atlas scan at up to 1M tokens (part stream); writes "
         "experiments/results/bench_peers/.",
     )
     bench.add_argument("what", choices=["scan", "peers"], help="which benchmark to run")
@@ -362,8 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         nargs="*",
         default=[],
-        choices=["layers", "profile", "lm"],
-        help="peers: parts to skip",
+        choices=["layers", "profile", "lm", "stream"],
+        help="peers: parts to skip (with both layers and lm skipped, results.md is kept as it "
+        "is; the stream part writes stream.md)",
+    )
+    bench.add_argument(
+        "--stream-memories",
+        nargs="+",
+        default=None,
+        choices=["atlas (exact Muon)", "atlas muon_per_chunk", "titans"],
+        help="peers: rows of the stream part (default: all three)",
+    )
+    bench.add_argument(
+        "--ten-million",
+        action="store_true",
+        help="peers: add a 10M-token row (10 * 2^20) to the stream part (about 10 min for "
+        "atlas muon_per_chunk on 2 CPUs)",
     )
     bench.add_argument(
         "--rounds",
