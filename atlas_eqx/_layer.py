@@ -85,7 +85,11 @@ class MemoryLayerConfig:
       For `memory="kernel"` it picks the rule: `"dot"` is Hebbian, `"l2"` the delta rule.
     - `optimizer`: `"gd"`, `"momentum"` ($S_t = \theta_tS_{t-1} + g_t$) or `"muon"`.
     - `ns_steps`: Newton-Schulz steps of Muon (5). `eta_inside_ns`: App. D.4 placement (A-1).
-    - `muon_per_chunk`: NS once per chunk, an approximation for speed (A-13 (i)).
+    - `muon_per_chunk`: NS once per chunk, an approximation for speed (A-13 (i)). The whole
+      chunk's step $\sum_m\eta_m$ then rides on one NS, whose Jacobian is ~$a^5/\|S\|_F$ along
+      the momentum's small singular directions: with b = 16 at atlas's $\eta_{\max}$ the inner
+      recurrence is expanding and the outer gradient grows exponentially with T (~5,000 at
+      T = 512 against ~20 for exact Muon; experiments/results/niah-extrapolate/gradient_norm.md).
     - `window`: $c$, the Omega window (A-30: 4). For `memory="kernel"` it is the number of
       gradient terms each step writes (`omega_window` of `kernel_memory_scan`: SWDT, Dot).
     - `chunk_size`: $b$ (A-11: configurable; 16 as in Miras). Gradients inside a chunk are

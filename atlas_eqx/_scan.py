@@ -81,7 +81,9 @@ def omega_scan(
       (Gated DeltaNet's order; digest I-12).
     - `muon_per_chunk`: with `method="chunked"`, apply Newton-Schulz once per chunk to the
       chunk-end momentum and read inside a chunk from the decayed chunk-start weights (an
-      approximation for speed, digest A-13 (i); see `atlas_eqx._chunked`).
+      approximation for speed, digest A-13 (i); see `atlas_eqx._chunked`). Its gradients are
+      exact, but with large chunks and step sizes the recurrence it defines can be expanding,
+      so outer gradients grow exponentially with T (`MemoryLayerConfig`, `muon_per_chunk`).
     - `check_values`: check at run time (with `eqx.error_if`, also under `jit`) that `q`, `k`,
       `v` are finite and every gate lies in its range. Shapes and static options are always
       checked. Models whose gates are in range by construction (sigmoids, as in

@@ -553,3 +553,48 @@ def test_compiled_layers_hold_no_host_callback(name):
         )[0]
     )(jnp.ones((5, 4)))
     assert "callback" in str(checked)  # the public default does check
+
+
+# The outer gradient of the whole atlas layer (projections, convolution, gates, W_0, the a_i of
+# the exact polynomial map, output norm and gate) against float64 central differences, with
+# exact per-token Muon on both paths and with the per-chunk approximation. T = 10 is not a
+# multiple of b = 4 (padding), and c = 4 reaches back over chunk boundaries.
+@pytest.mark.parametrize(
+    "options",
+    [dict(method="sequential"), dict(method="chunked"), dict(muon_per_chunk=True)],
+    ids=["sequential", "chunked", "muon_per_chunk"],
+)
+def test_atlas_layer_gradient_matches_central_differences(options):
+    """jax.grad of a random linear functional of the atlas layer's output w.r.t. all of its
+    parameters equals a fourth-order central difference along three random directions to 1e-8
+    (relative). This is the check behind experiments/results/niah-extrapolate/gradient_norm.md:
+    atlas's large outer gradient norms are not a wrong gradient."""
+    layer = ae.presets.atlas(4, 1, key=jax.random.PRNGKey(21), chunk_size=4, **options)
+    assert layer.config.optimizer == "muon" and layer.config.feature_map == "polynomial"
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.standard_normal((10, 4)))
+    weights = jnp.asarray(rng.standard_normal((10, 4)))
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    @eqx.filter_jit
+    def loss(params):
+        return jnp.sum(eqx.combine(params, static)(x) * weights)
+
+    grads = eqx.filter_jit(jax.grad(loss))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    # The stencil's O(h^4) error is ~1e-6 relative at h = 1e-4 and ~1e-11 at h = 1e-5.
+    h = 1e-5
+    for _ in range(3):
+        direction = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape)), params)
+
+        def at(step, direction=direction):
+            moved = jax.tree.map(lambda a, u: a + step * h * u, params, direction)
+            return float(loss(moved))
+
+        numeric = (8.0 * (at(1) - at(-1)) - (at(2) - at(-2))) / (12.0 * h)
+        analytic = sum(
+            float(jnp.sum(g * d))
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction), strict=True)
+        )
+        assert abs(numeric) > 1e-3  # the direction really moves the loss
+        assert abs(analytic - numeric) <= 1e-8 * max(1.0, abs(numeric)), (analytic, numeric)

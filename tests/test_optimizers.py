@@ -208,6 +208,25 @@ def test_i18_ns_of_zero_is_zero_with_finite_gradient(shape):
     np.testing.assert_allclose(grad, a**5 / 1e-7 * R, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape", GRAD_SHAPES)
+def test_ns_amplifies_small_singular_directions_by_a_to_the_k(shape):
+    """NS_5 maps every singular value of G / |G|_F through the composed quintic f, whose slope at
+    0 is a^5 = 3.4445^5 ~ 485. So at a rank-1 G = s u1 v1^T the derivative along a direction
+    u2 v2^T orthogonal to it is exactly a^5 / (s + eps) u2 v2^T: a momentum with tiny singular
+    values is amplified ~485 / |G|_F in those directions. This is the sensitivity behind atlas's
+    large outer gradient norms (experiments/results/niah-extrapolate/gradient_norm.md)."""
+    rng = np.random.default_rng(7)
+    U = _orthogonal(rng, shape[0])
+    V = _orthogonal(rng, shape[1])
+    s = 3.0
+    G = s * np.outer(U[:, 0], V[:, 0])
+    E = np.outer(U[:, 1], V[:, 1])
+    _, tangent = jax.jvp(lambda g: newton_schulz(g), (jnp.asarray(G),), (jnp.asarray(E),))
+    a = JORDAN_COEFFICIENTS[0]
+    np.testing.assert_allclose(np.asarray(tangent), a**5 / (s + 1e-7) * E, rtol=1e-10, atol=1e-12)
+    assert 480 < a**5 < 490
+
+
 @given(seed=SEEDS, shape=st.sampled_from(GRAD_SHAPES))
 def test_i9_ns_gradient_matches_central_differences(seed, shape):
     rng = np.random.default_rng(seed)
