@@ -34,7 +34,7 @@ from _helpers import (
     token_grad,
     weight_leaves,
 )
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import atlas_eqx as ae
 import feature_maps as fm
@@ -732,11 +732,15 @@ def test_i3_hebbian_linear_is_chunk_exact(seed, combo):
 @PER_CONFIG
 @given(seed=SEEDS)
 def test_objectives_lp2_and_wide_huber_equal_l2(config, which, seed):
-    """lp(p=2, eps=0) is l2 exactly, and so is huber(delta) when delta exceeds every residual."""
+    """lp(p=2, eps=0) is l2 exactly, and so is huber(delta) when delta exceeds every residual.
+
+    Draws whose l2 run diverges (an MLP with momentum can reach 1e111) are discarded: there the
+    residuals leave Huber's quadratic zone, which the identity needs."""
     memory, x, kwargs = configure(config, seed)
     objective = ae.lp(2.0, 0.0) if which == "lp2" else ae.huber(1e6)
-    y, state = run(memory, x, objective=objective, **kwargs)
     y_l2, state_l2 = run(memory, x, **kwargs)
+    assume(bool(np.max(np.abs(np.asarray(y_l2))) < 1e3))
+    y, state = run(memory, x, objective=objective, **kwargs)
     assert_close(y, y_l2, rtol=1e-12, atol=1e-12)
     assert_close(state.memory, state_l2.memory, rtol=1e-12, atol=1e-12)
 
