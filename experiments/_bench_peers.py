@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from ._bench_stream import DEFAULT_STREAM_CONFIG, StreamBenchConfig, write_stream_results
+from ._plot import pyplot_or_none
 
 
 TORCH_VERSION = "2.13.0"
@@ -1121,12 +1122,8 @@ def plot_results(
 ) -> bool:
     """Forward+backward tokens/s per implementation and configuration (log scale), and the LM
     training step against T. Returns False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     configs = list(dict.fromkeys(r["config"] for r in rows))

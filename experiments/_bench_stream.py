@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ._plot import pyplot_or_none
+
 
 # name -> the preset whose memory configuration streams, and its overrides.
 STREAM_MEMORIES: dict[str, dict[str, Any]] = {
@@ -455,12 +457,8 @@ def flatness_summary(rows: Sequence[dict[str, Any]], head_dim: int) -> list[str]
 def plot_stream(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> bool:
     """Tokens/s against T, and resident memory against tokens streamed (every row's trace),
     log x. Returns False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(dict.fromkeys(r["memory"] for r in rows))

@@ -3,19 +3,29 @@
 import json
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 
-def plot_metrics(
-    paths: Sequence[str | pathlib.Path], out: str | pathlib.Path, *, key: str = "loss"
-):
-    """One line per file: `key` of the per-step records, and of the evaluations if present."""
+def pyplot_or_none() -> Any:
+    """`matplotlib.pyplot` on the non-interactive Agg backend, or `None` without matplotlib
+    (the optional extra `plot`)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("atlas-eqx plot needs matplotlib: pip install 'atlas-eqx[plot]'") from None
+        return None
+    return plt
+
+
+def plot_metrics(
+    paths: Sequence[str | pathlib.Path], out: str | pathlib.Path, *, key: str = "loss"
+):
+    """One line per file: `key` of the per-step records, and of the evaluations if present."""
+    plt = pyplot_or_none()
+    if plt is None:
+        raise SystemExit("atlas-eqx plot needs matplotlib: pip install 'atlas-eqx[plot]'")
     figure, axis = plt.subplots(figsize=(6, 4))
     for path in paths:
         records = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]

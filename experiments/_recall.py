@@ -20,6 +20,7 @@ import numpy as np
 import atlas_eqx as ae
 
 from ._mqar import multiquery_ar
+from ._plot import pyplot_or_none
 from ._train import Batch, evaluate, OptimConfig, train, TrainingDiverged
 
 
@@ -243,12 +244,8 @@ def format_recall_table(results: Sequence[RecallResult]) -> str:
 
 def plot_recall_curves(results: Sequence[RecallResult], path: pathlib.Path | str) -> bool:
     """Test accuracy against training step, one line per preset; `False` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6, 4))
     for r in results:

@@ -34,21 +34,11 @@ import optimizers as iopt
 from ._capacity import capacity_probe, capacity_recall
 from ._corpus import load_excerpt
 from ._niah import NOISE_BLOCK
+from ._plot import pyplot_or_none
 
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is an optional dependency
-        return None
-    return plt
 
 
 def _rss_mib() -> float:
@@ -527,7 +517,7 @@ def _capacity_against_paper(config, results, summary, bounds, sphere) -> list[st
 
 
 def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) -> bool:
-    plt = _plt()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     rules = _rule_names(config)
@@ -1075,7 +1065,7 @@ def _niah_against_paper(config, records, by, names, hays) -> list[str]:
 
 
 def _plot_niah(config: NiahProbeConfig, records: list[dict], path: pathlib.Path) -> bool:
-    plt = _plt()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     hays = list(dict.fromkeys(r["haystack"] for r in records))

@@ -30,6 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._corpus import default_cache_dir
 from ._niah import s_niah
+from ._plot import pyplot_or_none
 from ._quickstart import ELEMENTWISE_FEATURES, QUICKSTART_OPTIONS
 from ._recall import (
     build_model,
@@ -120,17 +121,6 @@ def _write(out: pathlib.Path, title: str, command: str, body: str) -> str:
     text = f"# {title}\n\nRegenerate everything on this page with:\n\n```\n{command}\n```\n\n{body}"
     (out / "results.md").write_text(text)
     return text
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def _machine_note(seconds: float) -> str:
@@ -463,7 +453,7 @@ def run_mqar_state(
 
 
 def _plot_mqar_state(grid, config: MQARStateConfig, path: pathlib.Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
@@ -760,7 +750,7 @@ def _signed(x: float) -> str:
 
 
 def _plot_lm(runs: Sequence[_Run], config: LMConfig, path: pathlib.Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
@@ -997,7 +987,7 @@ def run_niah_extrapolate(
 
 
 def _plot_niah(rows, eval_lengths: Sequence[int], path: pathlib.Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6.5, 4.2))

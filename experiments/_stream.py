@@ -73,6 +73,7 @@ import optimizers as iopt
 
 from ._babilong import ACTORS, babi_samples, LOCATIONS
 from ._corpus import load_corpus, load_excerpt
+from ._plot import pyplot_or_none
 from ._tasks import split_sentences
 
 
@@ -678,10 +679,9 @@ def _results_markdown(base, rows, by_depth, command: str) -> str:
 
 
 def _plot(rows, by_depth, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot_or_none()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     tokens = [r["tokens"] for r in rows]
