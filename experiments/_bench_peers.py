@@ -36,9 +36,10 @@ the imports, so both frameworks are measured by the same rule; `tracemalloc` wou
 XLA's or torch's allocators. Not `ru_maxrss`: Linux carries the parent's high-water mark
 into a child started by `subprocess` (fork or vfork, then exec), so a child's `ru_maxrss` is
 at least the parent's peak at the time of the spawn (measured: a 600 MiB parent gives a bare
-Python child `ru_maxrss` 614 MiB and `VmHWM` 13 MiB); before this was noticed (the stream part)
-the peak RSS of `results.md` was `ru_maxrss`, so a row's peak there may be the parent's. For JAX the compiled forward+backward's own buffer assignment
-(`memory_analysis`: arguments + outputs + temporaries) is given too.
+Python child `ru_maxrss` 614 MiB and `VmHWM` 13 MiB); before this was noticed (the stream
+part) the peak RSS of `results.md` was `ru_maxrss`, so a row's peak there may be the
+parent's. For JAX the compiled forward+backward's own buffer assignment (`memory_analysis`:
+arguments + outputs + temporaries) is given too.
 """
 
 import dataclasses
