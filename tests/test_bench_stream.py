@@ -253,14 +253,17 @@ def test_a_subprocess_peak_is_its_own_not_the_parents():
 
     if not pathlib.Path("/proc/self/status").exists():
         pytest.skip("needs /proc")
-    ballast = np.ones(300 * 2**20 // 8)  # make sure this process has a peak above 300 MiB
-    assert bp._peak_rss_mib() >= bp._rss_mib() > 250
+    ballast = np.ones(600 * 2**20 // 8)  # make sure this process has a peak above 600 MiB
+    parent_peak = bp._peak_rss_mib()
+    assert parent_peak >= bp._rss_mib() > 550
     code = "from experiments._bench_peers import _peak_rss_mib; print(_peak_rss_mib())"
     env = bp._child_environment(1)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert float(done.stdout.strip()) < 200, done.stdout
+    # The child imports jax (~200-250 MiB); with the inherited ru_maxrss it would read at
+    # least the parent's peak.
+    assert float(done.stdout.strip()) < 0.6 * parent_peak, (done.stdout, parent_peak)
     del ballast
 
 
