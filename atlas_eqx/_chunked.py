@@ -89,30 +89,6 @@ class _Coefficients(eqx.Module):
     C_S: Float[Array, "*chunks n_e"]  # per-token gradient -> S at the chunk end
 
 
-def _coefficients(chunk: _Chunk, uses_momentum: bool) -> _Coefficients:
-    L_alpha = decay_matrix(chunk.decay)
-    A = jnp.cumprod(chunk.decay)
-    eta_L = L_alpha * chunk.lr[None, :]
-    if uses_momentum:
-        L_theta = decay_matrix(chunk.momentum)
-        B = jnp.cumprod(chunk.momentum)
-        return _Coefficients(
-            A=A,
-            B=B,
-            C=eta_L @ L_theta @ chunk.gates,
-            c_S=eta_L @ B,
-            C_S=L_theta[-1] @ chunk.gates,
-        )
-    zeros = jnp.zeros_like(A)
-    return _Coefficients(
-        A=A,
-        B=zeros,
-        C=eta_L @ chunk.gates,
-        c_S=zeros,
-        C_S=jnp.zeros_like(chunk.gates[0]),
-    )
-
-
 def _linear_dual_scan(W, S, chunks: _Chunk, objective, remat: bool):
     """Linear memory: the chunk loop carries $(W_s, S_s)$ and reads each chunk at its anchor.
 
@@ -145,30 +121,32 @@ class _StepCoefficients(eqx.Module):
     M: Float[Array, "*chunks b b"]  # step m's gradient -> W_t
     c_S: Float[Array, "*chunks b"]  # S_s -> W_t
     theta_end: Float[Array, "*chunks b"]  # step m's gradient -> S at the chunk end
-    step_gates: Float[Array, "*chunks b c"]  # gate of the token o steps behind step m
 
 
-def _step_coefficients(chunk: _Chunk, uses_momentum: bool, window: int) -> _StepCoefficients:
+def _step_coefficients(chunk: _Chunk, uses_momentum: bool) -> _StepCoefficients:
+    r"""The state-independent coefficients per step: $M = L_\alpha\mathrm{diag}(\eta)L_\theta$
+    ($L_\alpha\mathrm{diag}(\eta)$ without momentum) and the momentum terms."""
     L_alpha = decay_matrix(chunk.decay)
     A = jnp.cumprod(chunk.decay)
     eta_L = L_alpha * chunk.lr[None, :]
-    step_gates = jnp.stack(
-        [jnp.diagonal(chunk.gates, offset=window - 1 - o) for o in range(window)], axis=-1
-    )
     if uses_momentum:
         L_theta = decay_matrix(chunk.momentum)
-        return _StepCoefficients(
-            A=A,
-            B=jnp.cumprod(chunk.momentum),
-            M=eta_L @ L_theta,
-            c_S=eta_L @ jnp.cumprod(chunk.momentum),
-            theta_end=L_theta[-1],
-            step_gates=step_gates,
-        )
+        B = jnp.cumprod(chunk.momentum)
+        return _StepCoefficients(A=A, B=B, M=eta_L @ L_theta, c_S=eta_L @ B, theta_end=L_theta[-1])
     zeros = jnp.zeros_like(A)
-    return _StepCoefficients(
-        A=A, B=zeros, M=eta_L, c_S=zeros, theta_end=zeros, step_gates=step_gates
-    )
+    return _StepCoefficients(A=A, B=zeros, M=eta_L, c_S=zeros, theta_end=zeros)
+
+
+def _coefficients(chunk: _Chunk, uses_momentum: bool) -> _Coefficients:
+    """The step coefficients times the window gates: per extended token instead of per step."""
+    step = _step_coefficients(chunk, uses_momentum)
+    C_S = step.theta_end @ chunk.gates if uses_momentum else jnp.zeros_like(chunk.gates[0])
+    return _Coefficients(A=step.A, B=step.B, C=step.M @ chunk.gates, c_S=step.c_S, C_S=C_S)
+
+
+def _step_gates(gates: Float[Array, "b n_e"], window: int) -> Float[Array, "b c"]:
+    """`[m, o]`: the gate of the token `o` steps behind step m (a diagonal of the band)."""
+    return jnp.stack([jnp.diagonal(gates, offset=window - 1 - o) for o in range(window)], -1)
 
 
 def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
@@ -184,13 +162,14 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
     n_e = chunks.features_e.shape[-2]
     b = chunks.lr.shape[-1]
     window = n_e - b + 1
-    coeffs = jax.vmap(_step_coefficients, in_axes=(0, None, None))(chunks, S is not None, window)
+    coeffs = jax.vmap(_step_coefficients, in_axes=(0, None))(chunks, S is not None)
+    step_gates = jax.vmap(_step_gates, in_axes=(0, None))(chunks.gates, window)
     token_rows = [slice(window - 1 - o, window - 1 - o + b) for o in range(window)]
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
     def body(carry, inputs):
         W, S = carry
-        Phi, V, Q, c = inputs
+        Phi, V, Q, c, gates = inputs
         prediction = Phi @ W.T
         QPhi = Q @ Phi.T
         residuals = jnp.concatenate(
@@ -198,21 +177,21 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
         )
         features = jnp.concatenate([Phi[r] for r in token_rows])
         read_coeffs = jnp.concatenate(
-            [c.M * c.step_gates[:, o][None, :] * QPhi[:, r] for o, r in enumerate(token_rows)],
+            [c.M * gates[:, o][None, :] * QPhi[:, r] for o, r in enumerate(token_rows)],
             axis=1,
         )
         y = c.A[:, None] * (Q @ W.T) - read_coeffs @ residuals
-        end_coeffs = (c.M[-1][:, None] * c.step_gates).T.reshape(-1)
+        end_coeffs = (c.M[-1][:, None] * gates).T.reshape(-1)
         W_end = c.A[-1] * W - (end_coeffs[:, None] * residuals).T @ features
         if S is None:
             return (W_end, None), y
         y = y - c.c_S[:, None] * (Q @ S.T)
         W_end = W_end - c.c_S[-1] * S
-        momentum_coeffs = (c.theta_end[:, None] * c.step_gates).T.reshape(-1)
+        momentum_coeffs = (c.theta_end[:, None] * gates).T.reshape(-1)
         S_end = c.B[-1] * S + (momentum_coeffs[:, None] * residuals).T @ features
         return (W_end, S_end), y
 
-    inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
+    inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs, step_gates)
     (W, S), y = _scan_chunks(body, (W, S), inputs, remat)
     return y, W, S
 
