@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from ._bench_stream import DEFAULT_STREAM_CONFIG, StreamBenchConfig, write_stream_results
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 
 
 TORCH_VERSION = "2.13.0"
@@ -1155,10 +1155,8 @@ def plot_results(
     if lm_rows:
         right.legend(fontsize=7)
     right.grid(alpha=0.3)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 
 
 # name -> the preset whose memory configuration streams, and its overrides.
@@ -492,10 +492,8 @@ def plot_stream(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> bool:
     right.set_ylim(bottom=0)
     right.set_ylabel("resident memory VmRSS (MiB), from 0")
     right.set_title("VmRSS after every call (one line per run)")
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 

@@ -19,6 +19,15 @@ def pyplot_or_none() -> Any:
     return plt
 
 
+def save_figure(figure: Any, path: str | pathlib.Path, **layout: Any) -> None:
+    """`tight_layout(**layout)`, write `path` at 120 dpi, close `figure`."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout(**layout)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot_metrics(
     paths: Sequence[str | pathlib.Path], out: str | pathlib.Path, *, key: str = "loss"
 ):
@@ -39,6 +48,4 @@ def plot_metrics(
     axis.set_ylabel(key)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
+    save_figure(figure, out)

@@ -20,7 +20,7 @@ import numpy as np
 import atlas_eqx as ae
 
 from ._mqar import multiquery_ar
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 from ._train import Batch, evaluate, OptimConfig, train, TrainingDiverged
 
 
@@ -258,7 +258,5 @@ def plot_recall_curves(results: Sequence[RecallResult], path: pathlib.Path | str
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True

@@ -34,7 +34,7 @@ import optimizers as iopt
 from ._capacity import capacity_probe, capacity_recall
 from ._corpus import load_excerpt
 from ._niah import NOISE_BLOCK
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,9 +577,7 @@ def _plot_capacity(config: CapacityConfig, results: dict, path: pathlib.Path) ->
         + ", ".join(str(feature_dim(config.key_dim, p)) for p in config.degrees),
         fontsize=10,
     )
-    figure.tight_layout(rect=(0, 0, 0.78, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, rect=(0, 0, 0.78, 1))
     return True
 
 
@@ -1093,9 +1091,7 @@ def _plot_niah(config: NiahProbeConfig, records: list[dict], path: pathlib.Path)
         "no outer training)",
         fontsize=10,
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 

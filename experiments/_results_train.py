@@ -30,7 +30,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._corpus import default_cache_dir
 from ._niah import s_niah
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 from ._quickstart import ELEMENTWISE_FEATURES, QUICKSTART_OPTIONS
 from ._recall import (
     build_model,
@@ -472,9 +472,7 @@ def _plot_mqar_state(grid, config: MQARStateConfig, path: pathlib.Path) -> bool:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(f"MQAR T={config.task.seq_len}, {config.task.num_kv_pairs} pairs")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 
@@ -767,9 +765,7 @@ def _plot_lm(runs: Sequence[_Run], config: LMConfig, path: pathlib.Path) -> bool
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     axis.set_title(f"seed {config.seeds[0]}", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True
 
 
@@ -1011,7 +1007,5 @@ def _plot_niah(rows, eval_lengths: Sequence[int], path: pathlib.Path) -> bool:
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
     return True

@@ -73,7 +73,7 @@ import optimizers as iopt
 
 from ._babilong import ACTORS, babi_samples, LOCATIONS
 from ._corpus import load_corpus, load_excerpt
-from ._plot import pyplot_or_none
+from ._plot import pyplot_or_none, save_figure
 from ._tasks import split_sentences
 
 
@@ -700,9 +700,7 @@ def _plot(rows, by_depth, path: pathlib.Path) -> None:
     axes[2].plot(centres, [a for *_, n, a in by_depth if n], "o-")
     axes[2].axhline(1 / 6, color="grey", ls="--")
     axes[2].set(xscale="log", xlabel="fact depth (tokens)", ylabel="accuracy", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
