@@ -70,6 +70,7 @@ class _Chunk(eqx.Module):
     features_e: Float[Array, "*chunks n_e d_in"]
     values_e: Float[Array, "*chunks n_e d_out"]
     gates: Float[Array, "*chunks b n_e"]
+    step_gates: Float[Array, "*chunks b c"]  # [m, o]: the gate of the token o steps behind step m
     features_q: Float[Array, "*chunks b d_in"]
     lr: Float[Array, "*chunks b"]
     decay: Float[Array, "*chunks b"]
@@ -77,30 +78,149 @@ class _Chunk(eqx.Module):
     valid: Float[Array, "*chunks b"]
 
 
+class _Tokens(eqx.Module):
+    """The extended token sequence, not stacked per chunk: chunk k's extended set is rows
+    `k b` to `k b + n_e` (the `c - 1` tokens before the chunk, then the chunk).
+
+    The dual forms slice each chunk's window out of it inside the loop (a copy their matmuls
+    make anyway) instead of gathering the overlapping windows into a stacked array first.
+    """
+
+    features: Float[Array, "n_tokens d_in"]
+    values: Float[Array, "n_tokens d_out"]
+
+    def window(self, k: Array, b: int, n_e: int) -> tuple[Array, Array]:
+        start = k * b
+        return (
+            jax.lax.dynamic_slice_in_dim(self.features, start, n_e),
+            jax.lax.dynamic_slice_in_dim(self.values, start, n_e),
+        )
+
+
 def _output_grad(objective, prediction, target):
     return jax.grad(objective)(prediction, target)
 
 
 class _Coefficients(eqx.Module):
-    A: Float[Array, "*chunks b"]  # prod_{j<=t} alpha_j
-    B: Float[Array, "*chunks b"]  # prod_{j<=t} theta_j
-    C: Float[Array, "*chunks b n_e"]  # per-token gradient -> W_t
-    c_S: Float[Array, "*chunks b"]  # S_s -> W_t
-    C_S: Float[Array, "*chunks n_e"]  # per-token gradient -> S at the chunk end
+    """Step-major as built, `(b, n_chunks, ...)`; `chunk(k)` is one chunk's `(b, ...)`;
+    `chunk_major()` is `(n_chunks, b, ...)` for the Pallas kernels."""
+
+    A: Float[Array, "b ..."]  # prod_{j<=t} alpha_j
+    B: Float[Array, "b ..."]  # prod_{j<=t} theta_j
+    C: Float[Array, "b ... n"]  # per-token (or per-step) gradient -> W_t
+    c_S: Float[Array, "b ..."]  # S_s -> W_t
+    C_S: Float[Array, "... n"]  # per-token (or per-step) gradient -> S at the chunk end
+
+    def chunk(self, k: Array) -> "_Coefficients":
+        """Chunk k's coefficients, `(b, ...)` (a slice the loop body's fusions absorb)."""
+        return _Coefficients(
+            A=self.A[:, k], B=self.B[:, k], C=self.C[:, k], c_S=self.c_S[:, k], C_S=self.C_S[k]
+        )
+
+    def chunk_major(self) -> "_Coefficients":
+        return _Coefficients(
+            A=self.A.T,
+            B=self.B.T,
+            C=jnp.swapaxes(self.C, 0, 1),
+            c_S=self.c_S.T,
+            C_S=self.C_S,
+        )
 
 
-def _linear_dual_scan(W, S, chunks: _Chunk, objective, remat: bool):
-    """Linear memory: the chunk loop carries $(W_s, S_s)$ and reads each chunk at its anchor.
+def _row_recurrences(
+    chunks: _Chunk, row_at: Callable[[Array, Array], Array], uses_momentum: bool
+) -> _Coefficients:
+    r"""$X = L_\alpha\mathrm{diag}(\eta)L_\theta R$ ($L_\alpha\mathrm{diag}(\eta)R$ without
+    momentum) for every chunk, built row by row and never as a product with $L_\alpha$:
+
+    $$D_t = \theta_tD_{t-1} + R_t,\quad X_t = \alpha_tX_{t-1} + \eta_tD_t,\quad
+    A_t = \alpha_tA_{t-1},\quad B_t = \theta_tB_{t-1},\quad c_{S,t} = \alpha_tc_{S,t-1} + \eta_tB_t.$$
+
+    One `lax.scan` over the b steps, batched over chunks: exact when some $\alpha_j = 0$ (no
+    division), and half the time of forming $L_\alpha$ and multiplying by it.
+    `row_at(t, step_gates_t)` gives row $R_t$ of every chunk, `(n_chunks, n)`. Returns
+    $X$ as `C` and the last $D$ (each input row's contribution to $S$ at the chunk end) as
+    `C_S`, step-major.
+    """
+    n_chunks = chunks.lr.shape[0]
+    dtype = chunks.lr.dtype
+    first_row = row_at(jnp.zeros((), int), chunks.step_gates[:, 0])
+
+    def step(carry, inputs):
+        A, B, X, D, c_S = carry
+        t, alpha, theta, eta, gates = inputs
+        row = row_at(t, gates)
+        A = alpha * A
+        if uses_momentum:
+            B = theta * B
+            D = theta[:, None] * D + row
+            c_S = alpha * c_S + eta * B
+        else:
+            D = row
+        X = alpha[:, None] * X + eta[:, None] * D
+        return (A, B, X, D, c_S), (A, B, X, c_S)
+
+    vector = jnp.ones((n_chunks,), dtype)
+    matrix = jnp.zeros(first_row.shape, dtype)
+    init = (vector, vector, matrix, matrix, jnp.zeros_like(vector))
+    b = chunks.lr.shape[1]
+    steps = (
+        jnp.arange(b),
+        chunks.decay.T,
+        chunks.momentum.T,
+        chunks.lr.T,
+        jnp.swapaxes(chunks.step_gates, 0, 1),
+    )
+    (_, _, _, D_end, _), (A, B, X, c_S) = jax.lax.scan(step, init, steps)
+    if not uses_momentum:
+        B, c_S, D_end = jnp.zeros_like(B), jnp.zeros_like(c_S), jnp.zeros_like(D_end)
+    return _Coefficients(A=A, B=B, C=X, c_S=c_S, C_S=D_end)
+
+
+def _coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
+    r"""Per extended token: $C = L_\alpha\mathrm{diag}(\eta)L_\theta\Gamma$ and
+    $C_S = L_\theta[b]\Gamma$, from the row recurrences with the band's rows $\Gamma_t$ as inputs
+    (row $t$ holds step $t$'s c window gates at columns $t, \dots, t + c - 1$)."""
+    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
+    zeros = jnp.zeros((n_chunks, n_e), chunks.gates.dtype)
+
+    def band_row(t, gates):  # gates[:, o] sits at column t + c - 1 - o
+        return jax.lax.dynamic_update_slice(zeros, gates[:, ::-1], (0, t))
+
+    return _row_recurrences(chunks, band_row, uses_momentum)
+
+
+def _step_coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
+    r"""Per step: `C` is $M = L_\alpha\mathrm{diag}(\eta)L_\theta$ ($L_\alpha\mathrm{diag}(\eta)$
+    without momentum) and `C_S` is $L_\theta[b]$ (the row recurrences with unit rows)."""
+    n_chunks, b = chunks.lr.shape
+
+    def unit_row(t, gates):
+        del gates
+        return jnp.broadcast_to(jax.nn.one_hot(t, b, dtype=chunks.lr.dtype), (n_chunks, b))
+
+    return _row_recurrences(chunks, unit_row, uses_momentum)
+
+
+def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
+    r"""Linear memory, GD or momentum: the chunk loop carries $(W_s, S_s)$ and reads each chunk
+    at its anchor, $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with
+    $R = \nabla\mathrm{obj}(\Phi_EW_s^\top, V_E)$.
 
     Reading inside the loop, while $W_s$ is at hand, measured faster on CPU than stacking
     every anchor for one batched read afterwards (as for the MLP form).
     """
-    coeffs = jax.vmap(_coefficients, in_axes=(0, None))(chunks, S is not None)
+    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
+    b = chunks.lr.shape[-1]
+    coeffs = _coefficients(chunks, S is not None)
+    residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
-    def body(carry, inputs):
+    def body(carry, k):
         W, S = carry
-        Phi, V, Q, c = inputs
-        residual = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, Phi @ W.T, V)
+        Phi, V = tokens.window(k, b, n_e)
+        Q = chunks.features_q[k]
+        c = coeffs.chunk(k)
+        residual = residual_of(objective, Phi @ W.T, V)
         y = c.A[:, None] * (Q @ W.T) - (c.C * (Q @ Phi.T)) @ residual
         W_end = c.A[-1] * W - (c.C[-1][:, None] * residual).T @ Phi
         if S is None:
@@ -110,46 +230,11 @@ def _linear_dual_scan(W, S, chunks: _Chunk, objective, remat: bool):
         S_end = c.B[-1] * S + (c.C_S[:, None] * residual).T @ Phi
         return (W_end, S_end), y
 
-    inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
-    (W, S), y = _scan_chunks(body, (W, S), inputs, remat)
+    (W, S), y = _scan_chunk_indices(body, (W, S), n_chunks, remat)
     return y, W, S
 
 
-class _StepCoefficients(eqx.Module):
-    A: Float[Array, "*chunks b"]  # prod_{j<=t} alpha_j
-    B: Float[Array, "*chunks b"]  # prod_{j<=t} theta_j
-    M: Float[Array, "*chunks b b"]  # step m's gradient -> W_t
-    c_S: Float[Array, "*chunks b"]  # S_s -> W_t
-    theta_end: Float[Array, "*chunks b"]  # step m's gradient -> S at the chunk end
-
-
-def _step_coefficients(chunk: _Chunk, uses_momentum: bool) -> _StepCoefficients:
-    r"""The state-independent coefficients per step: $M = L_\alpha\mathrm{diag}(\eta)L_\theta$
-    ($L_\alpha\mathrm{diag}(\eta)$ without momentum) and the momentum terms."""
-    L_alpha = decay_matrix(chunk.decay)
-    A = jnp.cumprod(chunk.decay)
-    eta_L = L_alpha * chunk.lr[None, :]
-    if uses_momentum:
-        L_theta = decay_matrix(chunk.momentum)
-        B = jnp.cumprod(chunk.momentum)
-        return _StepCoefficients(A=A, B=B, M=eta_L @ L_theta, c_S=eta_L @ B, theta_end=L_theta[-1])
-    zeros = jnp.zeros_like(A)
-    return _StepCoefficients(A=A, B=zeros, M=eta_L, c_S=zeros, theta_end=zeros)
-
-
-def _coefficients(chunk: _Chunk, uses_momentum: bool) -> _Coefficients:
-    """The step coefficients times the window gates: per extended token instead of per step."""
-    step = _step_coefficients(chunk, uses_momentum)
-    C_S = step.theta_end @ chunk.gates if uses_momentum else jnp.zeros_like(chunk.gates[0])
-    return _Coefficients(A=step.A, B=step.B, C=step.M @ chunk.gates, c_S=step.c_S, C_S=C_S)
-
-
-def _step_gates(gates: Float[Array, "b n_e"], window: int) -> Float[Array, "b c"]:
-    """`[m, o]`: the gate of the token `o` steps behind step m (a diagonal of the band)."""
-    return jnp.stack([jnp.diagonal(gates, offset=window - 1 - o) for o in range(window)], -1)
-
-
-def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
+def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
     r"""Linear memory, GD or momentum, `decay_first=True`: step $m$'s gradients are taken at
     $A_mW_s$, so token $i$'s residual differs per step. Each (step $m$, offset $o$) pair is a
     virtual token with feature $\phi_{m-o}$ and residual
@@ -159,17 +244,19 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
     L_\theta$ and $G_o[m]$ the gate of token $m-o$ in step $m$'s window. Exact for any objective;
     no per-position weights.
     """
-    n_e = chunks.features_e.shape[-2]
+    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
     b = chunks.lr.shape[-1]
     window = n_e - b + 1
-    coeffs = jax.vmap(_step_coefficients, in_axes=(0, None))(chunks, S is not None)
-    step_gates = jax.vmap(_step_gates, in_axes=(0, None))(chunks.gates, window)
+    coeffs = _step_coefficients(chunks, S is not None)
     token_rows = [slice(window - 1 - o, window - 1 - o + b) for o in range(window)]
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
-    def body(carry, inputs):
+    def body(carry, k):
         W, S = carry
-        Phi, V, Q, c, gates = inputs
+        Phi, V = tokens.window(k, b, n_e)
+        Q = chunks.features_q[k]
+        gates = chunks.step_gates[k]
+        c = coeffs.chunk(k)
         prediction = Phi @ W.T
         QPhi = Q @ Phi.T
         residuals = jnp.concatenate(
@@ -177,22 +264,21 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, objective, remat: bool):
         )
         features = jnp.concatenate([Phi[r] for r in token_rows])
         read_coeffs = jnp.concatenate(
-            [c.M * gates[:, o][None, :] * QPhi[:, r] for o, r in enumerate(token_rows)],
+            [c.C * gates[:, o][None, :] * QPhi[:, r] for o, r in enumerate(token_rows)],
             axis=1,
         )
         y = c.A[:, None] * (Q @ W.T) - read_coeffs @ residuals
-        end_coeffs = (c.M[-1][:, None] * gates).T.reshape(-1)
+        end_coeffs = (c.C[-1][:, None] * gates).T.reshape(-1)
         W_end = c.A[-1] * W - (end_coeffs[:, None] * residuals).T @ features
         if S is None:
             return (W_end, None), y
         y = y - c.c_S[:, None] * (Q @ S.T)
         W_end = W_end - c.c_S[-1] * S
-        momentum_coeffs = (c.theta_end[:, None] * gates).T.reshape(-1)
+        momentum_coeffs = (c.C_S[:, None] * gates).T.reshape(-1)
         S_end = c.B[-1] * S + (momentum_coeffs[:, None] * residuals).T @ features
         return (W_end, S_end), y
 
-    inputs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs, step_gates)
-    (W, S), y = _scan_chunks(body, (W, S), inputs, remat)
+    (W, S), y = _scan_chunk_indices(body, (W, S), n_chunks, remat)
     return y, W, S
 
 
@@ -229,19 +315,23 @@ def _mlp_dual_read(memory: MLPMemory, S, inputs, deltas, Q, c: _Coefficients):
     return g + Q if memory.residual else g
 
 
-def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool):
+def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
     r"""`MLPMemory`: each layer's per-token gradients are rank-1, $\delta_i h_i^\top$.
 
     The reads happen inside the chunk loop, while the chunk's anchor is at hand: stacking every
     chunk's anchor weights and gradient factors for a batched read afterwards moves
     O(T / b * |W|) bytes through memory, which made long sequences 3x slower per token.
     """
-    coeffs = jax.vmap(_coefficients, in_axes=(0, None))(chunks, S is not None)
+    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
+    b = chunks.lr.shape[-1]
+    coeffs = _coefficients(chunks, S is not None)
     params, static = eqx.partition(memory, eqx.is_inexact_array)
 
-    def body(carry, xs):
+    def body(carry, k):
         params, S = carry
-        X, V, Q, c = xs
+        X, V = tokens.window(k, b, n_e)
+        Q = chunks.features_q[k]
+        c = coeffs.chunk(k)
         memory = eqx.combine(params, static)
         inputs, deltas = _mlp_gradient_factors(memory, X, V, objective)
         y = _mlp_dual_read(memory, S, inputs, deltas, Q, c)
@@ -259,8 +349,7 @@ def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, objective, remat: bool)
         new_S = tuple(momenta) if S is not None else None
         return (eqx.filter(new_memory, eqx.is_inexact_array), new_S), y
 
-    xs = (chunks.features_e, chunks.values_e, chunks.features_q, coeffs)
-    (params, S), y = _scan_chunks(body, (params, S), xs, remat)
+    (params, S), y = _scan_chunk_indices(body, (params, S), n_chunks, remat)
     return y, eqx.combine(params, static), S
 
 
@@ -383,33 +472,24 @@ def _decayed_reads(memory, A: Float[Array, " b"], X: Float[Array, "b d_in"]) -> 
     )
 
 
-def _band_gates(
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    extended_gates: Float[Array, " n"],
-    extended_mask: Float[Array, " n"],
-    step_valid: Float[Array, " T"],
-    window: int,
-    n_chunks: int,
-    b: int,
-) -> Float[Array, "n_chunks b n_e"]:
+def _band(step_gates: Float[Array, "n_chunks b c"]) -> Float[Array, "n_chunks b n_e"]:
     """Gamma[chunk, t, i]: the gate of extended token i in the window of chunk step t."""
-    n_e = b + window - 1
+    n_chunks, b, window = step_gates.shape
     t = jnp.arange(b)[:, None]
-    i = jnp.arange(n_e)[None, :]
+    i = jnp.arange(b + window - 1)[None, :]
     offset = t + window - 1 - i  # how many steps token i lies behind step t
     in_window = (offset >= 0) & (offset < window)
-    starts = jnp.arange(n_chunks) * b
-    token_index = starts[:, None, None] + i[None]  # index into the extended arrays
-    mask = extended_mask[token_index] * in_window[None]
-    valid = step_valid.reshape(n_chunks, b)[:, :, None]
-    if gamma.ndim == 2:
-        per_step = gamma.reshape(n_chunks, b, window)
-        gates = jnp.take_along_axis(
-            per_step, jnp.broadcast_to(jnp.clip(offset, 0, window - 1), (n_chunks, b, n_e)), axis=2
-        )
-    else:
-        gates = extended_gates[token_index]
-    return gates * mask * valid
+    index = jnp.broadcast_to(jnp.clip(offset, 0, window - 1), (n_chunks, *offset.shape))
+    return jnp.where(in_window, jnp.take_along_axis(step_gates, index, axis=2), 0.0)
+
+
+def _extended_tokens(state: OmegaState, features_k, v, n_steps: int) -> _Tokens:
+    """The `window - 1` carried tokens, then the sequence padded to `n_steps` with zeros."""
+    pad = [(0, n_steps - v.shape[0]), (0, 0)]
+    return _Tokens(
+        features=jnp.concatenate([state.window_features, jnp.pad(features_k, pad)]),
+        values=jnp.concatenate([state.window_values, jnp.pad(v, pad)]),
+    )
 
 
 def make_chunks(
@@ -429,46 +509,43 @@ def make_chunks(
 
     T is padded to a multiple of `chunk_size` with steps that cannot write (eta = 0, gates 0,
     alpha = theta = 1, `valid` = 0); each chunk carries its extended token set (the chunk plus
-    the `window - 1` tokens before it, taken from `state` for the first chunk) and the banded
-    gate matrix Gamma over it.
+    the `window - 1` tokens before it, taken from `state` for the first chunk), the gates of
+    each step's window, and the banded gate matrix Gamma over the extended set.
     """
     T = v.shape[0]
     b, c = chunk_size, window
     n_chunks = -(-T // b)
-    pad = n_chunks * b - T
+    n_steps = n_chunks * b
     dtype = v.dtype
 
     def pad_steps(x, value):
-        widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
+        widths = [(0, n_steps - T)] + [(0, 0)] * (x.ndim - 1)
         return jnp.pad(x, widths, constant_values=value)
 
     step_valid = pad_steps(jnp.ones((T,), dtype), 0.0)
-    lr_p = pad_steps(lr, 0.0)
-    decay_p = pad_steps(decay, 1.0)
-    momentum_p = pad_steps(momentum, 1.0)
-    gamma_p = pad_steps(gamma, 0.0)
-    fq_p = pad_steps(features_q, 0.0)
-
-    ext_features = jnp.concatenate([state.window_features, pad_steps(features_k, 0.0)])
-    ext_values = jnp.concatenate([state.window_values, pad_steps(v, 0.0)])
-    token_gates = gamma_p if gamma.ndim == 1 else jnp.ones((n_chunks * b,), dtype)
-    ext_gates = jnp.concatenate([state.window_gates, token_gates])
+    tokens = _extended_tokens(state, features_k, v, n_steps)
     ext_mask = jnp.concatenate([state.window_mask.astype(dtype), step_valid])
+    if gamma.ndim == 1:
+        ext_gates = jnp.concatenate([state.window_gates, pad_steps(gamma, 0.0)]) * ext_mask
+        behind = [ext_gates[c - 1 - o : c - 1 - o + n_steps] for o in range(c)]
+    else:
+        gamma_p = pad_steps(gamma, 0.0)
+        behind = [gamma_p[:, o] * ext_mask[c - 1 - o : c - 1 - o + n_steps] for o in range(c)]
+    step_gates = (jnp.stack(behind, -1) * step_valid[:, None]).reshape(n_chunks, b, c)
 
-    gates = _band_gates(gamma_p, ext_gates, ext_mask, step_valid, c, n_chunks, b)
     n_e = b + c - 1
     token_index = (jnp.arange(n_chunks) * b)[:, None] + jnp.arange(n_e)[None, :]
-    chunks = _Chunk(
-        features_e=ext_features[token_index],
-        values_e=ext_values[token_index],
-        gates=gates,
-        features_q=fq_p.reshape(n_chunks, b, -1),
-        lr=lr_p.reshape(n_chunks, b),
-        decay=decay_p.reshape(n_chunks, b),
-        momentum=momentum_p.reshape(n_chunks, b),
+    return _Chunk(
+        features_e=tokens.features[token_index],
+        values_e=tokens.values[token_index],
+        gates=_band(step_gates),
+        step_gates=step_gates,
+        features_q=pad_steps(features_q, 0.0).reshape(n_chunks, b, -1),
+        lr=pad_steps(lr, 0.0).reshape(n_chunks, b),
+        decay=pad_steps(decay, 1.0).reshape(n_chunks, b),
+        momentum=pad_steps(momentum, 1.0).reshape(n_chunks, b),
         valid=step_valid.reshape(n_chunks, b),
     )
-    return chunks
 
 
 def chunked_scan(
@@ -508,6 +585,7 @@ def chunked_scan(
         chunk_size=chunk_size,
     )
     n_chunks, b = chunks.lr.shape
+    tokens = _extended_tokens(state, features_k, v, n_chunks * b)
     memory = state.memory
     params, static = eqx.partition(memory, eqx.is_inexact_array)
     identity_precondition = optimizer.precondition is iopt.no_precondition
@@ -517,7 +595,7 @@ def chunked_scan(
     if dual and isinstance(memory, LinearMemory):
         S0 = state.optimizer_state.momentum.weight if uses_momentum else None
         linear_scan = _linear_dual_decay_first_scan if decay_first else _linear_dual_scan
-        y, W, S = linear_scan(memory.weight, S0, chunks, objective, remat)
+        y, W, S = linear_scan(memory.weight, S0, chunks, tokens, objective, remat)
         new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weight, state.optimizer_state.momentum, S))
@@ -526,7 +604,7 @@ def chunked_scan(
         )
     elif dual and not decay_first and isinstance(memory, MLPMemory):
         S0 = state.optimizer_state.momentum.weights if uses_momentum else None
-        y, new_memory, S = _mlp_dual_scan(memory, S0, chunks, objective, remat)
+        y, new_memory, S = _mlp_dual_scan(memory, S0, chunks, tokens, objective, remat)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weights, state.optimizer_state.momentum, S))
             if uses_momentum
@@ -596,3 +674,8 @@ def _scan_chunks(body, carry, chunks: PyTree, remat: bool) -> tuple[Any, Any]:
     if remat:
         body = jax.checkpoint(body)
     return jax.lax.scan(body, carry, chunks)
+
+
+def _scan_chunk_indices(body, carry, n_chunks: int, remat: bool) -> tuple[Any, Any]:
+    """The chunk loop of the dual forms: `body(carry, k)` slices chunk k's inputs itself."""
+    return _scan_chunks(body, carry, jnp.arange(n_chunks), remat)

@@ -219,6 +219,7 @@ def _pad_chunks(chunks: _Chunk, n_chunks: int, b: int, n_e: int, d_in: int, d_ou
         features_e=_pad_to(chunks.features_e, (n_chunks, n_e, d_in)),
         values_e=_pad_to(chunks.values_e, (n_chunks, n_e, d_out)),
         gates=_pad_to(chunks.gates, (n_chunks, b, n_e)),
+        step_gates=_pad_to(chunks.step_gates, (n_chunks, b, chunks.step_gates.shape[-1])),
         features_q=_pad_to(chunks.features_q, (n_chunks, b, d_in)),
         lr=steps(chunks.lr, 0.0),
         decay=steps(chunks.decay, 1.0),
@@ -493,7 +494,7 @@ def _forward(
 
     data = [chunks.features_e, chunks.values_e, chunks.features_q]
     if ns_options is None:
-        coeffs: _Coefficients = jax.vmap(_coefficients, in_axes=(0, None))(chunks, uses_momentum)
+        coeffs: _Coefficients = _coefficients(chunks, uses_momentum).chunk_major()
         data += [column(coeffs.A), coeffs.C, column(coeffs.A[:, -1:]), column(coeffs.C[:, -1])]
         if uses_momentum:
             data += [
