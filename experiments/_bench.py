@@ -22,7 +22,9 @@ class ScanBenchConfig:
     d_v: int = 64
     hidden: int = 128
     window: int = 4
-    repeats: int = 3
+    repeats: int = 5
+    min_repeats: int = 3
+    round_budget_s: float = 60.0
     methods: tuple[str, ...] = ("sequential", "chunked")
     setups: tuple[str, ...] = ("linear+gd", "mlp+momentum", "mlp+muon")
     max_sequential_length: int = 8192
@@ -76,14 +78,32 @@ def _functions(memory, optimizer, window: int, chunk_size: int, method: str):
     return eqx.filter_jit(forward), eqx.filter_jit(eqx.filter_grad(loss))
 
 
-def _time(fn: Callable, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _time_interleaved(
+    functions: dict[Any, tuple[Callable, tuple]],
+    repeats: int,
+    min_repeats: int = 1,
+    budget_s: float = float("inf"),
+) -> dict[Any, float]:
+    """Median seconds per call of each function, timed in rounds that call every function once.
+
+    A change of load on a shared machine then hits every method alike, so the ratios are
+    side by side in time as well as in one process. Each function is called twice before
+    timing (compile, then one warm call: the first call after compiling is slower). Rounds
+    stop at `repeats`, or earlier once `min_repeats` rounds have taken `budget_s`.
+    """
+    for fn, args in functions.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        jax.block_until_ready(fn(*args))
+    times: dict[Any, list[float]] = {name: [] for name in functions}
+    start = time.perf_counter()
+    for round_index in range(repeats):
+        for name, (fn, args) in functions.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - begin)
+        if round_index + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _peak_bytes(fn, args) -> int | None:
@@ -109,7 +129,8 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
     print(
         f"omega_scan benchmark on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"d_k=d_v={config.d_k}, MLP hidden={config.hidden}, window c={config.window}, "
-        f"float32, median of {config.repeats}. Peak = XLA buffer assignment of the compiled "
+        f"float32, median of {config.repeats} rounds (at least {config.min_repeats}); a round "
+        "calls every method once, so load changes hit all methods alike. Peak = XLA buffer assignment of the compiled "
         "forward+backward (arguments + outputs + temporaries). x = tokens/s over the first method. "
         "chunked-nsc = chunked with muon_per_chunk=True (an approximation, not the same function)."
     )
@@ -124,18 +145,24 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
         for T in config.lengths:
             args_tail = _inputs(T, config.d_k, config.d_v, jax.random.fold_in(key, T))
             for b in config.chunk_sizes:
-                baseline = None
                 methods = list(config.methods)
                 if setup.endswith("muon") and "chunked" in methods:
                     methods.append("chunked-nsc")  # muon_per_chunk=True: one NS per chunk
+                methods = [
+                    m for m in methods if m != "sequential" or T <= config.max_sequential_length
+                ]
+                args = (memory, *args_tail)
+                compiled = {m: _functions(memory, optimizer, config.window, b, m) for m in methods}
+                seconds = {}
+                for part in (0, 1):  # the forwards interleaved, then the forward+backwards
+                    timed = {(m, part): (compiled[m][part], args) for m in methods}
+                    seconds |= _time_interleaved(
+                        timed, config.repeats, config.min_repeats, config.round_budget_s
+                    )
+                baseline = None
                 for method in methods:
-                    if method == "sequential" and T > config.max_sequential_length:
-                        continue
-                    forward, backward = _functions(memory, optimizer, config.window, b, method)
-                    args = (memory, *args_tail)
-                    fwd = _time(forward, args, config.repeats)
-                    bwd = _time(backward, args, config.repeats)
-                    peak = _peak_bytes(backward, args)
+                    fwd, bwd = seconds[(method, 0)], seconds[(method, 1)]
+                    peak = _peak_bytes(compiled[method][1], args)
                     row: dict[str, Any] = dict(
                         setup=setup,
                         T=T,
