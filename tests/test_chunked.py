@@ -457,6 +457,100 @@ def test_i6_decay_matrix_is_the_product_and_its_gradient(alpha, seed):
         np.testing.assert_allclose(L, log_space, rtol=1e-10, atol=1e-300)
 
 
+def _chunk_of(alpha, theta, eta, step_gates) -> Any:
+    """A `_Chunk` with these step arrays `(n_chunks, b)` and window gates `(n_chunks, b, c)`."""
+    n_chunks, b, window = step_gates.shape
+    n_e = b + window - 1
+    step_gates = jnp.asarray(step_gates)
+    zeros = jnp.zeros((n_chunks, n_e, 1))
+    return _chunked._Chunk(
+        features_e=zeros,
+        values_e=zeros,
+        gates=_chunked._band(step_gates),
+        step_gates=step_gates,
+        features_q=jnp.zeros((n_chunks, b, 1)),
+        lr=jnp.asarray(eta),
+        decay=jnp.asarray(alpha),
+        momentum=jnp.asarray(theta),
+        valid=jnp.ones((n_chunks, b)),
+    )
+
+
+def _coefficients_from_products(alpha, theta, eta, band, momentum: bool):
+    """The coefficients from their definitions (digest 6.2), with `decay_matrix` (tested above)."""
+    L_alpha, L_theta = decay_matrix(alpha), decay_matrix(theta)
+    if not momentum:
+        L_theta = jnp.eye(alpha.shape[0], dtype=alpha.dtype)
+    eta_L = L_alpha * eta[None, :]
+    B = jnp.cumprod(theta) if momentum else jnp.zeros_like(theta)
+    return dict(
+        A=jnp.cumprod(alpha),
+        B=B,
+        C=eta_L @ L_theta @ band,
+        c_S=eta_L @ B,
+        C_S=L_theta[-1] @ band if momentum else jnp.zeros_like(band[0]),
+        M=eta_L @ L_theta,
+        M_S=L_theta[-1] if momentum else jnp.zeros_like(theta),
+    )
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+@FEW
+@given(b=st.sampled_from([1, 3, 5]), window=st.sampled_from([1, 2, 3]), seed=SEEDS)
+def test_i6_chunk_coefficients_are_the_products_they_stand_for(momentum, b, window, seed):
+    """`_coefficients` (C = L_alpha diag(eta) L_theta Gamma and the momentum terms) and
+    `_step_coefficients` (M = L_alpha diag(eta) L_theta), built by row recurrences, equal their
+    definitions from `decay_matrix`, in float64 with exact zeros in alpha and theta; and so do
+    their gradients with respect to alpha, theta and eta."""
+    rng = np.random.default_rng(seed)
+    n_chunks = 2
+
+    def gates_with_zeros(shape):
+        x = rng.uniform(size=shape)
+        return np.where(rng.uniform(size=shape) < 0.25, 0.0, x)
+
+    alpha, theta = gates_with_zeros((n_chunks, b)), gates_with_zeros((n_chunks, b))
+    eta = rng.uniform(size=(n_chunks, b))
+    chunk = _chunk_of(alpha, theta, eta, rng.uniform(size=(n_chunks, b, window)))
+    weights = {
+        name: rng.standard_normal(shape)
+        for name, shape in dict(C=(n_chunks, b, b + window - 1), M=(n_chunks, b, b)).items()
+    }
+
+    def built(alpha, theta, eta):
+        c = eqx.tree_at(lambda ch: (ch.decay, ch.momentum, ch.lr), chunk, (alpha, theta, eta))
+        per_token = _chunked._coefficients(c, momentum).chunk_major()
+        per_step = _chunked._step_coefficients(c, momentum).chunk_major()
+        return dict(
+            A=per_token.A,
+            B=per_token.B,
+            C=per_token.C,
+            c_S=per_token.c_S,
+            C_S=per_token.C_S,
+            M=per_step.C,
+            M_S=per_step.C_S,
+        )
+
+    def defined(alpha, theta, eta):
+        return jax.vmap(_coefficients_from_products, in_axes=(0, 0, 0, 0, None))(
+            alpha, theta, eta, chunk.gates, momentum
+        )
+
+    arrays = tuple(jnp.asarray(x) for x in (alpha, theta, eta))
+    ours, reference = built(*arrays), defined(*arrays)
+    for name in reference:
+        np.testing.assert_allclose(ours[name], reference[name], rtol=1e-13, atol=1e-15)
+
+    def weighted(coefficients):
+        return sum(jnp.sum(weights[k] * coefficients[k]) for k in weights)
+
+    grad_ours = jax.grad(lambda *a: weighted(built(*a)), argnums=(0, 1, 2))(*arrays)
+    grad_reference = jax.grad(lambda *a: weighted(defined(*a)), argnums=(0, 1, 2))(*arrays)
+    for g, g_ref in zip(grad_ours, grad_reference, strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     ("kind", "opt", "gate_kind"),
     [("linear", "momentum", "token"), ("mlp2", "momentum", "step"), ("gated", "muon", "token")],
