@@ -185,9 +185,10 @@ _pallas_scan_jit = eqx.filter_jit(pallas_scan)
 def _check_inputs(q, k, v, lr, decay, momentum, gamma) -> Array:
     """`lr`, behind one run-time check of every input (`eqx.branched_error_if`).
 
-    One check, not one per array: each check is a `lax.cond` that returns its array, which XLA
-    copies through the untaken branch. The result is `lr`, the smallest input every form
-    reads, so the check cannot be removed as dead code.
+    One check (one `lax.cond` and host callback) instead of one per array: the seven separate
+    `eqx.error_if`s cost about 1 ms of an 8 ms chunked scan at T = 8192. The message is the
+    first failing one's. The result is `lr`, the smallest input every form reads, so the check
+    cannot be removed as dead code.
     """
     finite = [(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     ranges = [
@@ -196,8 +197,8 @@ def _check_inputs(q, k, v, lr, decay, momentum, gamma) -> Array:
         (momentum, "momentum", "theta_t", 0.0, 1.0),
         (gamma, "gamma", "gamma", 0.0, 1.0),
     ]
-    # x * 0 is 0 where x is finite and NaN where it is not; its sum is a float reduction,
-    # which XLA:CPU runs twice as fast as the boolean `all(isfinite(x))`.
+    # x * 0 is 0 where x is finite and NaN where it is not, so its sum cannot overflow; a float
+    # reduction, which XLA:CPU runs about twice as fast as the boolean `all(isfinite(x))`.
     failed = [~jnp.isfinite(jnp.sum(x * 0)) for x, _ in finite]
     messages = [f"omega_scan: `{name}` contains NaN or inf" for _, name in finite]
     for x, name, symbol, low, high in ranges:

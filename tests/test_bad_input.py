@@ -199,6 +199,7 @@ _BAD_VALUES = [
     ("q", np.nan, r"`q` contains NaN or inf"),
     ("k", np.inf, r"`k` contains NaN or inf"),
     ("v", np.nan, r"`v` contains NaN or inf"),
+    ("v", -np.inf, r"`v` contains NaN or inf"),
 ]
 
 
@@ -233,6 +234,17 @@ def test_out_of_range_values_raise_under_jit(name, bad, message):
             _memory(), q, k, v, lr, decay, momentum, gamma, optimizer=iopt.momentum()
         )
         y.block_until_ready()
+
+
+def test_huge_finite_inputs_do_not_raise():
+    """The finiteness check sums x * 0, which is 0 for every finite x: no overflow to inf from
+    the sum of large entries (a sum of x itself would overflow here)."""
+    args = _inputs()
+    largest = np.finfo(np.asarray(_memory().weight).dtype).max  # the dtype the scan runs in
+    for name in ("q", "k", "v"):
+        args[name] = np.full_like(args[name], largest / 2)
+    y, _ = _call(**args, optimizer=iopt.momentum(), check_values=True)
+    assert np.asarray(y).shape == (T, D)
 
 
 def test_valid_edge_values_do_not_raise():
