@@ -9,9 +9,10 @@ g_n = \sum_{i\in E}\Gamma[n,i]\,\nabla\ell_i(W_s),$$
 with $L_\alpha[t,m] = \prod_{j=m+1}^{t}\alpha_j$, $A_t = \prod_{j\le t}\alpha_j$ (chunk-local), and
 $\Gamma$ the banded window-gate matrix over the extended token set $E$ (the chunk plus the $c-1$
 tokens before it). The state-independent coefficients are batched over all chunks before the
-loop; the loop over chunks carries the anchor, and reads each chunk while its anchor is at
-hand (stacking all anchors for a batched read afterwards was slower on CPU, 3x at T = 8192
-for the MLP). Three forms compute this, each tested against `sequential_scan`:
+loop (one recurrence over the b steps, `_row_recurrences`); the loop over chunks carries the
+anchor, slices each chunk's window from the flat token sequence, and reads the chunk while
+its anchor is at hand (stacking all anchors for a batched read afterwards was slower on CPU,
+3x at T = 8192 for the MLP). Three forms compute this, each tested against `sequential_scan`:
 
 - `_linear_dual_scan`: linear memory, GD or momentum. Never forms per-position weights:
   $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with $C = L_\alpha
@@ -144,7 +145,7 @@ def _row_recurrences(
     """
     n_chunks = chunks.lr.shape[0]
     dtype = chunks.lr.dtype
-    first_row = row_at(jnp.zeros((), int), chunks.step_gates[:, 0])
+    row_shape = jax.eval_shape(row_at, jnp.zeros((), int), chunks.step_gates[:, 0]).shape
 
     def step(carry, inputs):
         A, B, X, D, c_S = carry
@@ -161,7 +162,7 @@ def _row_recurrences(
         return (A, B, X, D, c_S), (A, B, X, c_S)
 
     vector = jnp.ones((n_chunks,), dtype)
-    matrix = jnp.zeros(first_row.shape, dtype)
+    matrix = jnp.zeros(row_shape, dtype)
     init = (vector, vector, matrix, matrix, jnp.zeros_like(vector))
     b = chunks.lr.shape[1]
     steps = (
