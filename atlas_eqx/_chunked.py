@@ -89,9 +89,13 @@ class _Tokens(eqx.Module):
 
     features: Float[Array, "n_tokens d_in"]
     values: Float[Array, "n_tokens d_out"]
+    chunk_size: int = eqx.field(static=True)
+    window: int = eqx.field(static=True)
 
-    def window(self, k: Array, b: int, n_e: int) -> tuple[Array, Array]:
-        start = k * b
+    def chunk_window(self, k: Array) -> tuple[Array, Array]:
+        """Features and values of chunk k's extended set, `(b + c - 1, ...)`."""
+        start = k * self.chunk_size
+        n_e = self.chunk_size + self.window - 1
         return (
             jax.lax.dynamic_slice_in_dim(self.features, start, n_e),
             jax.lax.dynamic_slice_in_dim(self.values, start, n_e),
@@ -211,14 +215,12 @@ def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: b
     Reading inside the loop, while $W_s$ is at hand, measured faster on CPU than stacking
     every anchor for one batched read afterwards (as for the MLP form).
     """
-    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
-    b = chunks.lr.shape[-1]
     coeffs = _coefficients(chunks, S is not None)
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
     def body(carry, k):
         W, S = carry
-        Phi, V = tokens.window(k, b, n_e)
+        Phi, V = tokens.chunk_window(k)
         Q = chunks.features_q[k]
         c = coeffs.chunk(k)
         residual = residual_of(objective, Phi @ W.T, V)
@@ -231,7 +233,7 @@ def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: b
         S_end = c.B[-1] * S + (c.C_S[:, None] * residual).T @ Phi
         return (W_end, S_end), y
 
-    (W, S), y = _scan_chunk_indices(body, (W, S), n_chunks, remat)
+    (W, S), y = _scan_chunk_indices(body, (W, S), chunks.lr.shape[0], remat)
     return y, W, S
 
 
@@ -245,16 +247,14 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, tokens: _Tokens, objecti
     L_\theta$ and $G_o[m]$ the gate of token $m-o$ in step $m$'s window. Exact for any objective;
     no per-position weights.
     """
-    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
-    b = chunks.lr.shape[-1]
-    window = n_e - b + 1
+    b, window = tokens.chunk_size, tokens.window
     coeffs = _step_coefficients(chunks, S is not None)
     token_rows = [slice(window - 1 - o, window - 1 - o + b) for o in range(window)]
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
     def body(carry, k):
         W, S = carry
-        Phi, V = tokens.window(k, b, n_e)
+        Phi, V = tokens.chunk_window(k)
         Q = chunks.features_q[k]
         gates = chunks.step_gates[k]
         c = coeffs.chunk(k)
@@ -279,7 +279,7 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, tokens: _Tokens, objecti
         S_end = c.B[-1] * S + (momentum_coeffs[:, None] * residuals).T @ features
         return (W_end, S_end), y
 
-    (W, S), y = _scan_chunk_indices(body, (W, S), n_chunks, remat)
+    (W, S), y = _scan_chunk_indices(body, (W, S), chunks.lr.shape[0], remat)
     return y, W, S
 
 
@@ -323,14 +323,12 @@ def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, tokens: _Tokens, object
     chunk's anchor weights and gradient factors for a batched read afterwards moves
     O(T / b * |W|) bytes through memory, which made long sequences 3x slower per token.
     """
-    n_chunks, n_e = chunks.gates.shape[0], chunks.gates.shape[-1]
-    b = chunks.lr.shape[-1]
     coeffs = _coefficients(chunks, S is not None)
     params, static = eqx.partition(memory, eqx.is_inexact_array)
 
     def body(carry, k):
         params, S = carry
-        X, V = tokens.window(k, b, n_e)
+        X, V = tokens.chunk_window(k)
         Q = chunks.features_q[k]
         c = coeffs.chunk(k)
         memory = eqx.combine(params, static)
@@ -350,7 +348,7 @@ def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, tokens: _Tokens, object
         new_S = tuple(momenta) if S is not None else None
         return (eqx.filter(new_memory, eqx.is_inexact_array), new_S), y
 
-    (params, S), y = _scan_chunk_indices(body, (params, S), n_chunks, remat)
+    (params, S), y = _scan_chunk_indices(body, (params, S), chunks.lr.shape[0], remat)
     return y, eqx.combine(params, static), S
 
 
@@ -484,12 +482,16 @@ def _band(step_gates: Float[Array, "n_chunks b c"]) -> Float[Array, "n_chunks b 
     return jnp.where(in_window, jnp.take_along_axis(step_gates, index, axis=2), 0.0)
 
 
-def _extended_tokens(state: OmegaState, features_k, v, n_steps: int) -> _Tokens:
-    """The `window - 1` carried tokens, then the sequence padded to `n_steps` with zeros."""
-    pad = [(0, n_steps - v.shape[0]), (0, 0)]
+def _extended_tokens(state: OmegaState, features_k, v, chunk_size: int) -> _Tokens:
+    """The `window - 1` carried tokens, then the sequence padded with zeros to a multiple of
+    `chunk_size`."""
+    T = v.shape[0]
+    pad = [(0, -(-T // chunk_size) * chunk_size - T), (0, 0)]
     return _Tokens(
         features=jnp.concatenate([state.window_features, jnp.pad(features_k, pad)]),
         values=jnp.concatenate([state.window_values, jnp.pad(v, pad)]),
+        chunk_size=chunk_size,
+        window=state.window_features.shape[0] + 1,
     )
 
 
@@ -505,8 +507,9 @@ def make_chunks(
     *,
     window: int,
     chunk_size: int,
-) -> _Chunk:
-    """The chunk layout every chunk-parallel form reads (the XLA forms here, the Pallas kernels).
+) -> tuple[_Chunk, _Tokens]:
+    """The chunk layout every chunk-parallel form reads (the XLA forms here, the Pallas
+    kernels), and the flat extended token sequence the chunks are cut from.
 
     T is padded to a multiple of `chunk_size` with steps that cannot write (eta = 0, gates 0,
     alpha = theta = 1, `valid` = 0); each chunk carries its extended token set (the chunk plus
@@ -524,7 +527,7 @@ def make_chunks(
         return jnp.pad(x, widths, constant_values=value)
 
     step_valid = pad_steps(jnp.ones((T,), dtype), 0.0)
-    tokens = _extended_tokens(state, features_k, v, n_steps)
+    tokens = _extended_tokens(state, features_k, v, b)
     ext_mask = jnp.concatenate([state.window_mask.astype(dtype), step_valid])
     if gamma.ndim == 1:
         ext_gates = jnp.concatenate([state.window_gates, pad_steps(gamma, 0.0)]) * ext_mask
@@ -536,7 +539,7 @@ def make_chunks(
 
     n_e = b + c - 1
     token_index = (jnp.arange(n_chunks) * b)[:, None] + jnp.arange(n_e)[None, :]
-    return _Chunk(
+    chunks = _Chunk(
         features_e=tokens.features[token_index],
         values_e=tokens.values[token_index],
         gates=_band(step_gates),
@@ -547,6 +550,7 @@ def make_chunks(
         momentum=pad_steps(momentum, 1.0).reshape(n_chunks, b),
         valid=step_valid.reshape(n_chunks, b),
     )
+    return chunks, tokens
 
 
 def chunked_scan(
@@ -573,7 +577,7 @@ def chunked_scan(
     Arguments are validated by `omega_scan`; this is the unchecked implementation.
     """
     T = v.shape[0]
-    chunks = make_chunks(
+    chunks, tokens = make_chunks(
         state,
         features_q,
         features_k,
@@ -586,7 +590,6 @@ def chunked_scan(
         chunk_size=chunk_size,
     )
     n_chunks, b = chunks.lr.shape
-    tokens = _extended_tokens(state, features_k, v, n_chunks * b)
     memory = state.memory
     params, static = eqx.partition(memory, eqx.is_inexact_array)
     identity_precondition = optimizer.precondition is iopt.no_precondition

@@ -467,7 +467,7 @@ def _forward(
     weights, momenta, activation, residual = _memory_layers(
         memory, state.optimizer_state, uses_momentum
     )
-    chunks = make_chunks(
+    chunks, _ = make_chunks(
         state,
         features_q,
         features_k,
