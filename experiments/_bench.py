@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 import atlas_eqx as ae
 import optimizers as iopt
+from atlas_eqx import _chunked
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ScanBenchConfig:
     methods: tuple[str, ...] = ("sequential", "chunked")
     setups: tuple[str, ...] = ("linear+gd", "mlp+momentum", "mlp+muon")
     max_sequential_length: int = 8192
+    floor: bool = True  # add the `floor` row to linear+gd (see `_floor_forward`)
 
 
 def _setup(name: str, d_k: int, d_v: int, hidden: int, key):
@@ -76,6 +78,74 @@ def _functions(memory, optimizer, window: int, chunk_size: int, method: str):
         return jnp.mean(forward(memory, q, k, v, lr, decay, momentum, gamma) ** 2)
 
     return eqx.filter_jit(forward), eqx.filter_jit(eqx.filter_grad(loss))
+
+
+class _FloorInputs(eqx.Module):
+    """Everything of the linear GD dual form that does not depend on the anchor, per chunk."""
+
+    features_e: jax.Array  # (n_chunks, n_e, d_in): Phi_E
+    values_e: jax.Array  # (n_chunks, n_e, d_out): V_E
+    features_q: jax.Array  # (n_chunks, b, d_in): Q
+    read_gram: jax.Array  # (n_chunks, b, n_e): C * (Q Phi_E^T)
+    decays: jax.Array  # (n_chunks, b): A
+    end_coefficients: jax.Array  # (n_chunks, n_e): the last row of C
+    T: int = eqx.field(static=True)
+
+
+def _floor_inputs(memory, window: int, chunk_size: int, q, k, v, lr, decay, momentum, gamma):
+    del momentum  # gd
+    state = ae.init_omega_state(memory, iopt.gd(), window)
+    chunks, _ = _chunked.make_chunks(
+        state, q, k, v, lr, decay, jnp.zeros_like(lr), gamma, window=window, chunk_size=chunk_size
+    )
+    coefficients = _chunked._coefficients(chunks, uses_momentum=False).chunk_major()
+    gram = jnp.einsum("nbi,nei->nbe", chunks.features_q, chunks.features_e)
+    return _FloorInputs(
+        features_e=chunks.features_e,
+        values_e=chunks.values_e,
+        features_q=chunks.features_q,
+        read_gram=coefficients.C * gram,
+        decays=coefficients.A,
+        end_coefficients=coefficients.C[:, -1],
+        T=v.shape[0],
+    )
+
+
+def _floor_forward(W: jax.Array, inputs: _FloorInputs) -> jax.Array:
+    r"""The chunk loop of the linear GD dual form (`_chunked._linear_dual_scan`, l2 objective)
+    with its anchor-independent work given: per chunk only the four matmuls that need the anchor,
+
+    $$R = \Phi_EW_s^\top - V_E,\quad Y = A\odot(QW_s^\top) - (C\odot Q\Phi_E^\top)R,\quad
+    W_{s+b} = A_bW_s - (C_b\odot R)^\top\Phi_E,$$
+
+    under `jax.checkpoint` as in the library. It computes the same values as `omega_scan`
+    (tested); the benchmark times it without `_floor_inputs`, so its speed is what the chunked
+    path would reach on this machine if everything around its chunk loop were free.
+    """
+
+    def body(W, chunk):
+        Phi, V, Q, K, A, c_end = chunk
+        residual = Phi @ W.T - V
+        y = A[:, None] * (Q @ W.T) - K @ residual
+        return A[-1] * W - (c_end[:, None] * residual).T @ Phi, y
+
+    per_chunk = (
+        inputs.features_e,
+        inputs.values_e,
+        inputs.features_q,
+        inputs.read_gram,
+        inputs.decays,
+        inputs.end_coefficients,
+    )
+    _, y = jax.lax.scan(jax.checkpoint(body), W, per_chunk)
+    return y.reshape(-1, y.shape[-1])[: inputs.T]
+
+
+def _floor_functions():
+    def loss(W, inputs):
+        return jnp.mean(_floor_forward(W, inputs) ** 2)
+
+    return jax.jit(_floor_forward), jax.jit(jax.grad(loss))
 
 
 def _time_interleaved(
@@ -132,7 +202,10 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
         f"float32, median of {config.repeats} rounds (at least {config.min_repeats}); a round "
         "calls every method once, so load changes hit all methods alike. Peak = XLA buffer assignment of the compiled "
         "forward+backward (arguments + outputs + temporaries). x = tokens/s over the first method. "
-        "chunked-nsc = chunked with muon_per_chunk=True (an approximation, not the same function)."
+        "chunked-nsc = chunked with muon_per_chunk=True (an approximation, not the same function). "
+        "floor = the linear GD dual form's chunk loop alone, its anchor-independent work (chunk "
+        "layout, coefficients, the Gram C*Q Phi^T) done before timing: the chunked path's bound "
+        "on this machine if everything around its chunk loop were free."
     )
     header = (
         f"{'setup':14s}{'T':>6s}{'b':>4s}{'method':>12s}{'fwd tok/s':>12s}{'f+b tok/s':>12s}"
@@ -153,16 +226,28 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                 ]
                 args = (memory, *args_tail)
                 compiled = {m: _functions(memory, optimizer, config.window, b, m) for m in methods}
+                args_of: dict[str, tuple] = {m: args for m in methods}
+                plain_gd = not optimizer.uses_momentum and (
+                    optimizer.precondition is iopt.no_precondition
+                )
+                if isinstance(memory, ae.LinearMemory) and plain_gd and config.floor:
+                    methods.append("floor")
+                    compiled["floor"] = _floor_functions()
+                    floor_inputs = jax.jit(_floor_inputs, static_argnums=(1, 2))
+                    args_of["floor"] = (
+                        memory.weight,
+                        floor_inputs(memory, config.window, b, *args_tail),
+                    )
                 seconds = {}
                 for part in (0, 1):  # the forwards interleaved, then the forward+backwards
-                    timed = {(m, part): (compiled[m][part], args) for m in methods}
+                    timed = {(m, part): (compiled[m][part], args_of[m]) for m in methods}
                     seconds |= _time_interleaved(
                         timed, config.repeats, config.min_repeats, config.round_budget_s
                     )
                 baseline = None
                 for method in methods:
                     fwd, bwd = seconds[(method, 0)], seconds[(method, 1)]
-                    peak = _peak_bytes(compiled[method][1], args)
+                    peak = _peak_bytes(compiled[method][1], args_of[method])
                     row: dict[str, Any] = dict(
                         setup=setup,
                         T=T,

@@ -165,6 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
         hidden=args.hidden,
         window=args.window,
         methods=tuple(args.methods),
+        floor=not args.no_floor,
     )
     run_scan_benchmark(config)
     return 0
@@ -381,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--hidden", type=int, default=128, help="MLP memory width (default 128)")
     bench.add_argument("--window", type=int, default=4, help="Omega window c (default 4)")
+    bench.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="scan: no `floor` row for linear+gd (the chunk loop timed without the work around it)",
+    )
     bench.add_argument(
         "--quick", action="store_true", help="peers: tiny configurations (a smoke run)"
     )

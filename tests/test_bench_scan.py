@@ -1,7 +1,12 @@
 """`atlas-eqx bench scan`: its timing harness and its table. Speed is never asserted."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
+import atlas_eqx as ae
+import optimizers as iopt
 from experiments import _bench
 
 
@@ -42,8 +47,50 @@ def test_the_table_has_a_row_per_method_with_the_ratio_against_the_first(capsys)
         methods=("sequential", "chunked"),
     )
     rows = _bench.run_scan_benchmark(config)
-    assert [row["method"] for row in rows] == ["sequential", "chunked"]
+    assert [row["method"] for row in rows] == ["sequential", "chunked", "floor"]
     assert all(row["forward_tokens_per_s"] > 0 and row["backward_tokens_per_s"] > 0 for row in rows)
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-1].split()[3] == "chunked"
-    assert len(printed[-1].split()) == 10  # the second row carries both ratios
+    assert [line.split()[3] for line in printed[-2:]] == ["chunked", "floor"]
+    assert all(len(line.split()) == 10 for line in printed[-2:])  # rows after the first: ratios
+
+
+@pytest.mark.parametrize("T", [16, 13])
+def test_the_floor_computes_omega_scan_with_its_anchor_independent_work_given(T):
+    """The `floor` row times a real computation: the linear GD dual form's chunk loop, whose
+    inputs (chunk layout, coefficients, Gram) are built before timing. Float64, against the
+    sequential oracle, T a multiple of b and not."""
+    d, b, window = 4, 4, 3
+    key = jax.random.key(3)
+    memory = ae.LinearMemory(d, d, key=key)
+    q, k, v, lr, decay, momentum, gamma = _bench._inputs(T, d, d, jax.random.fold_in(key, 1))
+    q, k, v, lr, decay, momentum, gamma = (
+        x.astype(jnp.float64) for x in (q, k, v, lr, decay, momentum, gamma)
+    )
+    memory = jax.tree.map(lambda x: x.astype(jnp.float64), memory)
+    expected, _ = ae.omega_scan(
+        memory, q, k, v, lr, decay, None, gamma, window=window, chunk_size=b, optimizer=iopt.gd()
+    )
+    inputs = _bench._floor_inputs(memory, window, b, q, k, v, lr, decay, momentum, gamma)
+    forward, gradient = _bench._floor_functions()
+    np.testing.assert_allclose(forward(memory.weight, inputs), expected, rtol=1e-12, atol=1e-12)
+
+    def loss(memory):
+        y, _ = ae.omega_scan(
+            memory,
+            q,
+            k,
+            v,
+            lr,
+            decay,
+            None,
+            gamma,
+            window=window,
+            chunk_size=b,
+            optimizer=iopt.gd(),
+            method="chunked",
+        )
+        return jnp.mean(y**2)
+
+    np.testing.assert_allclose(
+        gradient(memory.weight, inputs), jax.grad(loss)(memory).weight, rtol=1e-10, atol=1e-12
+    )
