@@ -3,8 +3,7 @@
 # (the `device` tool's `run`; 15 minutes of device time in all, so this fits in ~8 minutes).
 #
 # The nvidia-h200 image has jax with CUDA, equinox, optax, jaxtyping, chex, hypothesis and
-# pytest, but not beartype. Here, once, in the repo root:
-#   echo /.whl/ >> .git/info/exclude
+# pytest, but not beartype. Here, once, in the repo root (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl beartype==0.23.1
 # then: run(command="bash experiments/device/gpu_check.sh", carry=[".whl"], timeout_s=560)
 #
