@@ -57,8 +57,8 @@ def test_the_table_has_a_row_per_method_with_the_ratio_against_the_first(capsys)
 @pytest.mark.parametrize("T", [16, 13])
 def test_the_floor_computes_omega_scan_with_its_anchor_independent_work_given(T):
     """The `floor` row times a real computation: the linear GD dual form's chunk loop, whose
-    inputs (chunk layout, coefficients, Gram) are built before timing. Float64, against the
-    sequential oracle, T a multiple of b and not."""
+    inputs (chunk layout, coefficients, Gram) are built before timing. Its output and gradient
+    equal the sequential oracle's (float64; T a multiple of b and not)."""
     d, b, window = 4, 4, 3
     key = jax.random.key(3)
     memory = ae.LinearMemory(d, d, key=key)
@@ -87,7 +87,6 @@ def test_the_floor_computes_omega_scan_with_its_anchor_independent_work_given(T)
             window=window,
             chunk_size=b,
             optimizer=iopt.gd(),
-            method="chunked",
         )
         return jnp.mean(y**2)
 
