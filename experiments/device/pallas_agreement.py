@@ -49,22 +49,11 @@ def _agreement(memory_kind: str, optimizer_name: str, T: int, b: int) -> float:
         else ae.MLPMemory(d, d, key=key, hidden=128)
     )
     q, k, v, lr, decay, momentum, gamma = _bench._inputs(T, d, d, jax.random.fold_in(key, 1))
-    momentum = momentum if optimizer.uses_momentum else None
+    arrays = (q, k, v, lr, decay, momentum if optimizer.uses_momentum else None, gamma)
 
     def loss_and_output(memory, method):
         y, _ = ae.omega_scan(
-            memory,
-            q,
-            k,
-            v,
-            lr,
-            decay,
-            momentum,
-            gamma,
-            optimizer=optimizer,
-            window=window,
-            chunk_size=b,
-            method=method,
+            memory, *arrays, optimizer=optimizer, window=window, chunk_size=b, method=method
         )
         return jnp.mean(y**2), y
 
