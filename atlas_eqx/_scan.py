@@ -190,7 +190,7 @@ def _check_inputs(q, k, v, lr, decay, momentum, gamma) -> Array:
     first failing one's. The result is `lr`, the smallest input every form reads, so the check
     cannot be removed as dead code.
     """
-    finite = [(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    finite = [(q, "q"), (k, "k"), (v, "v")]
     ranges = [
         (lr, "lr", "eta_t", 0.0, None),
         (decay, "decay", "alpha_t", 0.0, 1.0),

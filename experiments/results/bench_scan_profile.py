@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 import atlas_eqx as ae
 import optimizers as iopt
-from atlas_eqx import _chunked
 from experiments import _bench
 
 
@@ -31,19 +30,13 @@ def _affine_forward(memory, q, k, v, lr, decay, momentum, gamma, *, reads_in_loo
     r"""Linear memory, GD, l2: $W_{s+b} = W_sM + U$ with $M = A_bI - \Phi_E^\top
     \mathrm{diag}(C_b)\Phi_E$, $U = V_E^\top\mathrm{diag}(C_b)\Phi_E$, and
     $Y = (A\odot Q - K\Phi_E)W_s^\top + KV_E$ with $K = C\odot Q\Phi_E^\top$."""
-    del momentum
-    state = ae.init_omega_state(memory, iopt.gd(), WINDOW)
-    chunks, _ = _chunked.make_chunks(
-        state, q, k, v, lr, decay, jnp.zeros_like(lr), gamma, window=WINDOW, chunk_size=B
-    )
-    coefficients = _chunked._coefficients(chunks, uses_momentum=False).chunk_major()
-    Phi, V, Q = chunks.features_e, chunks.values_e, chunks.features_q
-    A, C = coefficients.A, coefficients.C
-    K = C * jnp.matmul(Q, jnp.swapaxes(Phi, 1, 2))
+    inputs = _bench._floor_inputs(memory, WINDOW, B, q, k, v, lr, decay, momentum, gamma)
+    Phi, V, Q, K = inputs.features_e, inputs.values_e, inputs.features_q, inputs.read_gram
+    A, C_end = inputs.decays, inputs.end_coefficients
     features_values = jnp.concatenate([Phi, V], -1)
     KX = jnp.matmul(K, features_values)
     Q_read, KV = A[..., None] * Q - KX[..., :D], KX[..., D:]
-    Z = jnp.matmul(jnp.swapaxes(features_values, 1, 2), C[:, -1, :, None] * Phi)
+    Z = jnp.matmul(jnp.swapaxes(features_values, 1, 2), C_end[..., None] * Phi)
     M = A[:, -1, None, None] * jnp.eye(D, dtype=q.dtype) - Z[:, :D]
     U = Z[:, D:]
     if reads_in_loop:
