@@ -241,6 +241,29 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    import time
+
+    from ._probe import format_table, probe_presets, write_table
+
+    start = time.perf_counter()
+    results = probe_presets(
+        args.presets,
+        args.d_model,
+        args.n_heads,
+        args.chunk_size,
+        args.window,
+        n_writes=args.n_writes,
+        long_tokens=args.long_tokens,
+        seed=args.seed,
+    )
+    text = format_table(results, command="atlas-eqx " + shlex.join(args.argv))
+    text += f"\nTotal {time.perf_counter() - start:.0f} s.\n"
+    write_table(text, args.out)
+    print(text + f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atlas-eqx",
@@ -448,6 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     results.add_argument("--no-progress", action="store_true", help="no progress bars")
     results.set_defaults(run=_results)
+
+    from ._probe import ALL_PRESETS
+
+    probe = commands.add_parser(
+        "probe",
+        help="write-strength probe of each preset at initialisation (issue 18): write gain, "
+        "response to the value scale, recall, fast-weight growth at the gates' extremes",
+    )
+    probe.add_argument("--presets", nargs="+", default=list(ALL_PRESETS), choices=ALL_PRESETS)
+    probe.add_argument("--out", default="experiments/results/probe/results.md")
+    probe.add_argument("--long-tokens", type=int, default=10_000, help="growth run (0: skip)")
+    probe.add_argument("--n-writes", type=int, default=8, help="written pairs n")
+    probe.add_argument("--d-model", type=int, default=64)
+    probe.add_argument("--n-heads", type=int, default=4)
+    probe.add_argument("--chunk-size", type=int, default=4)
+    probe.add_argument("--window", type=int, default=4, help="Omega window (layout_options)")
+    probe.add_argument("--seed", type=int, default=0)
+    probe.set_defaults(run=_probe)
     return parser
 
 
