@@ -30,7 +30,9 @@ from ._layer import (
 from ._memory import (
     AbstractMemory as AbstractMemory,
     GatedMLPMemory as GatedMLPMemory,
+    gauss_newton_curvature as gauss_newton_curvature,
     LinearMemory as LinearMemory,
+    sampled_curvature as sampled_curvature,
     MLPMemory as MLPMemory,
 )
 from ._model import (

@@ -24,7 +24,7 @@ import feature_maps as fm
 import optimizers as iopt
 
 from ._kernel import init_kernel_memory_state, kernel_memory_scan, kernel_memory_stream
-from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, MLPMemory
+from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, sampled_curvature, MLPMemory
 from ._mixer import AbstractMixer
 from ._objective import dot, l2
 from ._scan import omega_scan
@@ -40,6 +40,7 @@ _OPTIMIZERS = ("gd", "momentum", "muon")
 _METHODS = ("sequential", "chunked")
 _GAMMA_MODES = ("none", "token", "offset")
 _OUTPUT_GATES = ("silu", "sigmoid", "none")
+_LR_NORMALIZATIONS = ("sampled_curvature", "curvature", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,27 @@ class MemoryLayerConfig:
     - `lr_gate`: $\eta_t = \eta_{\max}\sigma(\cdot)$; `False` makes $\eta_t \equiv \eta_{\max}$.
     - `lr_max`: $\eta_{\max}$ (A-7: configurable). `lr_init`: $\eta$ at initialisation
       (bias $\mathrm{logit}(\eta_{init}/\eta_{\max})$; the digest gives no value).
+    - `lr_normalization`: what $\eta_t$ of a GD or momentum learner is divided by, per
+      head, from the learned initial memory $W_0$ (never below 1; Muon's step is a
+      unit-spectral-norm direction and is never normalised). `"sampled_curvature"` (default):
+      $\bar\kappa_{\mathcal M}(W_0)$, the mean over fixed unit inputs of the largest
+      Gauss-Newton eigenvalue (`atlas_eqx.sampled_curvature`), 1 for a linear memory, about 2 for
+      the default MLP memory: a step then writes as strongly as the linear memory's rule
+      $\eta_{\max} = 1/(c\,\kappa_\phi)$ intends, for any memory, custom ones included,
+      and it follows $W_0$ as the outer loop changes it. `"curvature"`: the worst case over
+      unit inputs, `AbstractMemory.curvature_bound` (about 12 for the default MLP memory), a
+      guarantee against overshooting that makes deep memories write ~6x more weakly.
+      `"none"`: $\eta_t$ as it is. The default is chosen by measurement: see
+      `experiments/results/probe/results.md` and the README.
+    - `lr_momentum_scaling`: with `optimizer="momentum"`, the step is $\eta_t(1-\theta_t)$: the
+      buffer sums about $1/(1-\theta)$ past gradients, so this keeps the step of a repeated
+      direction at most $\eta_t$ for every $\theta_t$, including gates near 1.
     - `decay_gate`: $\alpha_t = \sigma(\cdot)$, one scalar per head for all memory matrices
-      (A-29); `False` makes $\alpha_t \equiv 1$. `decay_init`: 0.99 (A-7).
+      (A-29); `False` makes $\alpha_t \equiv 1$. `decay_init`: $\alpha$ at initialisation,
+      a number (every head, A-7: 0.99) or a pair `(low, high)`: head $h$ starts at
+      $\alpha_h$ with $1-\alpha_h$ spaced geometrically from $1-$`low` to $1-$`high`, so the
+      heads start with time-scales $1/(1-\alpha)$ from 10 to 1000 tokens at the default
+      `(0.9, 0.999)` (as fla's Gated DeltaNet spreads its decay over heads).
     - `momentum_gate`: $\theta_t = \sigma(\cdot)$ for `"momentum"` / `"muon"`; `False` makes
       $\theta_t \equiv$ `momentum_init`. `momentum_init`: 0.9 (A-7).
     - `gamma_mode`: the window gates $\gamma_{t,i}$ (A-8): `"none"` ((a): $\gamma_{t,i} =
@@ -158,8 +178,10 @@ class MemoryLayerConfig:
     lr_gate: bool = True
     lr_max: float = 1.0
     lr_init: float = 0.5
+    lr_normalization: str = "sampled_curvature"
+    lr_momentum_scaling: bool = True
     decay_gate: bool = True
-    decay_init: float = 0.99
+    decay_init: float | tuple[float, float] = (0.9, 0.999)
     momentum_gate: bool = True
     momentum_init: float = 0.9
     gamma_mode: str = "token"
@@ -223,10 +245,19 @@ class MemoryLayerConfig:
                 f"MemoryLayerConfig: `lr_init` must lie in (0, lr_max={self.lr_max}); got "
                 f"{self.lr_init!r}"
             )
-        for name in ("decay_init", "momentum_init", "gamma_init"):
+        decay_values = self.decay_init if isinstance(self.decay_init, tuple) else (self.decay_init,)
+        if len(decay_values) not in (1, 2) or not all(
+            isinstance(a, (int, float)) and 0 < a < 1 for a in decay_values
+        ):
+            raise ValueError(
+                "MemoryLayerConfig: `decay_init` must be a number in (0, 1) or a pair (low, high) "
+                f"of them; got {self.decay_init!r}"
+            )
+        for name in ("momentum_init", "gamma_init"):
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise ValueError(f"MemoryLayerConfig: `{name}` must lie in (0, 1); got {value!r}")
+        _check_choice("lr_normalization", self.lr_normalization, _LR_NORMALIZATIONS)
         _check_choice("gamma_mode", self.gamma_mode, _GAMMA_MODES)
         _check_int("conv_size", self.conv_size, 0)
         if not self.norm_eps > 0:
@@ -287,6 +318,17 @@ class MemoryLayerConfig:
     @property
     def uses_momentum(self) -> bool:
         return self.optimizer in ("momentum", "muon")
+
+    def decay_inits(self) -> tuple[float, ...]:
+        """$\\alpha$ at initialisation for each head (see `decay_init`)."""
+        if not isinstance(self.decay_init, tuple):
+            return (float(self.decay_init),) * self.n_heads
+        low, high = (math.log1p(-a) for a in self.decay_init)
+        if self.n_heads == 1:
+            return (-math.expm1(0.5 * (low + high)),)
+        return tuple(
+            -math.expm1(low + (high - low) * h / (self.n_heads - 1)) for h in range(self.n_heads)
+        )
 
     def inner_optimizer(self) -> iopt.InnerOptimizer:
         """The inner learner named by `optimizer`."""
@@ -433,10 +475,10 @@ class _Gate(eqx.Module):
     weight: Float[Array, "out d_model"]
     bias: Float[Array, " out"]
 
-    def __init__(self, d_model: int, out: int, bias: float, *, key: PRNGKeyArray):
+    def __init__(self, d_model: int, out: int, bias: float | Array, *, key: PRNGKeyArray):
         bound = 1.0 / math.sqrt(d_model)
         self.weight = jax.random.uniform(key, (out, d_model), minval=-bound, maxval=bound)
-        self.bias = jnp.full((out,), bias, dtype=float)
+        self.bias = jnp.broadcast_to(jnp.asarray(bias, dtype=float), (out,))
 
     def __call__(self, x: Float[Array, "T d_model"]) -> Float[Array, "T out"]:
         return jax.nn.sigmoid(x @ self.weight.T.astype(x.dtype) + self.bias.astype(x.dtype))
@@ -516,7 +558,9 @@ class MemoryLayer(AbstractMixer):
             self.conv_weight = None
             next(keys)
         self.lr_gate = _Gate(d, H, _logit(c.lr_init / c.lr_max), key=next(keys))
-        self.decay_gate = _Gate(d, H, _logit(c.decay_init), key=next(keys))
+        self.decay_gate = _Gate(
+            d, H, jnp.array([_logit(a) for a in c.decay_inits()]), key=next(keys)
+        )
         self.momentum_gate = _Gate(d, H, _logit(c.momentum_init), key=next(keys))
         n_gamma = H * c.window if c.gamma_mode == "offset" else H
         self.gamma_gate = _Gate(d, n_gamma, _logit(c.gamma_init), key=next(keys))
@@ -565,9 +609,9 @@ class MemoryLayer(AbstractMixer):
                 return jnp.full((H, T), constant, x.dtype)
             return gate(x).T
 
-        lr = c.lr_max * per_head(self.lr_gate, 1.0)
         decay = per_head(self.decay_gate, 1.0)
         momentum = per_head(self.momentum_gate, c.momentum_init) if c.uses_momentum else None
+        lr = self.inner_step_size(per_head(self.lr_gate, 1.0), momentum)
         if self.gamma_gate is None:
             gamma = None
         elif c.gamma_mode == "offset":
@@ -575,6 +619,37 @@ class MemoryLayer(AbstractMixer):
         else:
             gamma = self.gamma_gate(x).T
         return MemoryInputs(q, k, v, lr, decay, momentum, gamma), conv_history
+
+    def inner_step_size(
+        self, lr_gate: Float[Array, "H T"], momentum: Float[Array, "H T"] | None
+    ) -> Float[Array, "H T"]:
+        r"""$\eta_t$ from the step gate's value $\sigma_t \in [0, 1]$ (1 without a gate):
+        $\eta_{\max}\sigma_t$, divided by `curvature_normalizer()` per head, and times
+        $1-\theta_t$ under `lr_momentum_scaling` with `optimizer="momentum"`. With
+        $\sigma_t = 1$ it is the largest step the layer can take."""
+        c = self.config
+        lr = c.lr_max * lr_gate / self.curvature_normalizer().astype(lr_gate.dtype)[:, None]
+        if c.optimizer == "momentum" and c.lr_momentum_scaling:
+            if momentum is None:
+                raise ValueError("MemoryLayer.inner_step_size: momentum learners need `momentum`")
+            lr = lr * (1 - momentum)
+        return lr
+
+    def curvature_normalizer(self) -> Float[Array, " H"]:
+        r"""Per head, what $\eta_t$ is divided by (`lr_normalization`), never below 1:
+        `sampled_curvature` or `curvature_bound` of the learned initial memory $W_0$ for GD and
+        momentum learners on parametric memories, else 1."""
+        c = self.config
+        ones = jnp.ones((c.n_heads,), self.q_proj.dtype)
+        if c.lr_normalization == "none" or c.optimizer == "muon" or self.memory is None:
+            return ones
+        if c.lr_normalization == "sampled_curvature":
+            curvature = eqx.filter_vmap(sampled_curvature)(self._initial_memory())
+        elif type(self.memory).curvature_bound is AbstractMemory.curvature_bound:
+            return ones
+        else:
+            curvature = eqx.filter_vmap(lambda m: m.curvature_bound())(self._initial_memory())
+        return jnp.maximum(curvature, 1.0)
 
     def memory_inputs(self, x: Float[Array, "T d_model"]) -> MemoryInputs:
         """The per-head memory inputs $(\\hat q, \\hat k, v, \\eta, \\alpha, \\theta, \\gamma)$ of

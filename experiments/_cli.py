@@ -10,6 +10,23 @@ from collections.abc import Sequence
 def _quickstart(args: argparse.Namespace) -> int:
     from ._quickstart import QuickstartConfig, run_quickstart
 
+    if args.sweep:
+        from ._sweep import format_sweep, run_sweep, SweepConfig
+
+        config = SweepConfig(steps=args.steps, jobs=args.jobs, out_dir=args.sweep_dir)
+        records = run_sweep(config, progress=not args.no_progress)
+        table = format_sweep(records, config)
+        header = (
+            "# The main job's task: 3 seeds, outer learning-rate sweep\n\n"
+            f"Regenerate with `atlas-eqx quickstart --sweep --steps {args.steps}` (resumable; "
+            "`--jobs N` runs N trainings at once, each on its own cores). Protocol: "
+            "`experiments/_sweep.py`.\n\n"
+        )
+        path = f"{args.sweep_dir}/results.md"
+        with open(path, "w") as file:
+            file.write(header + table + "\n")
+        print(table + f"\nwrote {path}")
+        return 0
     run_quickstart(
         QuickstartConfig(
             seed=args.seed, steps=args.steps, out_dir=args.out_dir, progress=not args.no_progress
@@ -283,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where results.md and the plot go",
     )
     quickstart.add_argument("--no-progress", action="store_true", help="no progress bars")
+    quickstart.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead: every preset at 3 outer learning rates x 3 seeds, the rate chosen on a "
+        "validation split (the evidence behind the main job's table and learning rates)",
+    )
+    quickstart.add_argument("--jobs", type=int, default=1, help="--sweep: trainings at once")
+    quickstart.add_argument("--sweep-dir", default="experiments/results/mqar-sweep")
     quickstart.set_defaults(run=_quickstart)
 
     from ._config import add_config_arguments
@@ -485,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--n-writes", type=int, default=8, help="written pairs n")
     probe.add_argument("--d-model", type=int, default=64)
     probe.add_argument("--n-heads", type=int, default=4)
-    probe.add_argument("--chunk-size", type=int, default=4)
-    probe.add_argument("--window", type=int, default=4, help="Omega window (layout_options)")
+    probe.add_argument("--chunk-size", type=int, default=None, help="default: each preset's own")
+    probe.add_argument("--window", type=int, default=None, help="default: each preset's own")
     probe.add_argument("--seed", type=int, default=0)
     probe.set_defaults(run=_probe)
     return parser

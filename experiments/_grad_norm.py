@@ -35,13 +35,13 @@ import optimizers as iopt
 from atlas_eqx._chunked import decay_matrix
 
 from ._niah import NOISE_BLOCK, s_niah
-from ._quickstart import ELEMENTWISE_FEATURES, QUICKSTART_OPTIONS
+from ._recall import ELEMENTWISE_FEATURES, STUDY_OPTIONS
 from ._results_train import next_byte_targets
 from ._train import batch_loss
 
 
 D_MODEL, N_LAYERS, N_HEADS, CHUNK, WINDOW = 32, 2, 2, 16, 4
-NIAH_ATLAS = QUICKSTART_OPTIONS["atlas"]  # muon_per_chunk=True, element-wise map
+NIAH_ATLAS = STUDY_OPTIONS["atlas"]  # muon_per_chunk=True, element-wise map
 LR_MAX = 1.0 / (WINDOW * 2.25)  # atlas's eta_max = 1 / (c kappa), kappa = (1 + 1/2)^2
 
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [

@@ -11,7 +11,8 @@ before the output norm, gate and projection), per head, with the layer's initial
   `write_gain` $= \\mathrm{mean}_{h,i}\\,\\|y(k_i) - y_0(k_i)\\| / \\|v_i - y_0(k_i)\\|$: the
   fraction of the needed correction the writes achieved (1: written exactly).
 - **growth**: 10k unit-norm random keys, queries and values per head at the gates' extremes
-  ($\\eta = \\eta_{\\max}$, $\\alpha = 1$, $\\theta = 0.99$, $\\gamma = 1$), streamed through
+  (step gate at its supremum 1, i.e. $\\eta$ = `MemoryLayer.inner_step_size` of a gate of 1,
+  $\\alpha = 1$, $\\theta = 0.99$, $\\gamma = 1$), streamed through
   `run_memory` in chunk-aligned pieces of ~1000 tokens with the carried state.
 """
 
@@ -34,6 +35,7 @@ from ._recall import layout_options
 
 ALL_PRESETS = tuple(ae.presets.__all__)
 PIECE_TOKENS = 1000
+EXTREME_MOMENTUM = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,13 +179,14 @@ def growth_probe(
         gamma = None
         if c.gamma_mode != "none":
             gamma = ones if c.gamma_mode == "token" else jnp.ones((H, size, c.window))
+        momentum = EXTREME_MOMENTUM * ones if c.uses_momentum else None
         inputs = ae.MemoryInputs(
             q=_unit(jax.random.normal(kq, shape)),
             k=_unit(jax.random.normal(kk, shape)),
             v=_unit(jax.random.normal(kv, shape)),
-            lr=c.lr_max * ones,
+            lr=c.lr_max * ones if kernel else layer.inner_step_size(ones, momentum),
             decay=ones,
-            momentum=0.99 * ones if c.uses_momentum else None,
+            momentum=momentum,
             gamma=gamma,
         )
         state, piece_finite, norm = _run_piece(layer, inputs, state)
@@ -258,8 +261,8 @@ def probe_presets(
     names: Sequence[str] = ALL_PRESETS,
     d_model: int = 64,
     n_heads: int = 4,
-    chunk_size: int = 4,
-    window: int = 4,
+    chunk_size: int | None = None,
+    window: int | None = None,
     *,
     n_writes: int = 8,
     value_scales: Sequence[float] = (1.0, 3.0, 10.0),
@@ -315,7 +318,7 @@ def format_table(results: Sequence[ProbeResult], *, command: str = "") -> str:
         "- **recall**: fraction of pairs whose read has its largest cosine with its own value.",
         "- **‖W‖ start / max, growth**: Frobenius norm of all fast weights (all heads) at the"
         " start and the largest after any ~1000-token piece of a long stream of unit keys,"
-        " queries and values at lr = lr_max, decay = 1, momentum = 0.99, gamma = 1;"
+        " queries and values at the largest step the layer can take (step gate 1), decay = 1, momentum = 0.99, gamma = 1;"
         " growth = max / start (n/a for W_0 = 0). **finite**: outputs and weights stayed finite"
         " (the run stops at the first non-finite piece). Kernel memories (state = tokens): no"
         " ‖W‖, only the finiteness of head 0's outputs. **tokens**: tokens of the long run.",

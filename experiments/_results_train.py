@@ -31,10 +31,10 @@ from jaxtyping import Array, Bool, Float, Int
 from ._corpus import default_cache_dir
 from ._niah import s_niah
 from ._plot import pyplot_or_none, save_figure
-from ._quickstart import ELEMENTWISE_FEATURES, QUICKSTART_OPTIONS
 from ._recall import (
     build_model,
     count_parameters,
+    ELEMENTWISE_FEATURES,
     mqar_batches,
     mqar_eval_batches,
     RecallModelConfig,
@@ -43,6 +43,7 @@ from ._recall import (
     RecallTaskConfig,
     recurrent_state_floats,
     run_recall,
+    STUDY_OPTIONS,
 )
 from ._run import _byte_splits, _lm_windows, TrainConfig
 from ._train import Batch, evaluate, IGNORE_INDEX, OptimConfig, train, TrainingDiverged
@@ -294,7 +295,7 @@ def run_mqar_state(
                 eval_every=config.eval_every,
                 seed=config.seed,
                 out_dir=str(out / "logs" / f"d{d_model}_h{n_heads}_lr{lr:g}"),
-                preset_options=QUICKSTART_OPTIONS,
+                preset_options=STUDY_OPTIONS,
             )
             for result in run_recall(config.task, model, run, progress=progress):
                 grid.setdefault((result.preset, d_model, n_heads), {})[lr] = result
@@ -481,18 +482,18 @@ def _plot_mqar_state(grid, config: MQARStateConfig, path: pathlib.Path) -> bool:
 
 # (row name, preset, options on top of the chunk/window layout)
 LM_VARIANTS: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
-    ("atlas", "atlas", QUICKSTART_OPTIONS["atlas"]),
-    ("omeganet", "omeganet", QUICKSTART_OPTIONS["omeganet"]),
+    ("atlas", "atlas", STUDY_OPTIONS["atlas"]),
+    ("omeganet", "omeganet", STUDY_OPTIONS["omeganet"]),
     ("titans", "titans", {}),
     ("transformer", "transformer", {}),
     ("atlas w/o Muon (GD + momentum)", "atlas", {**ELEMENTWISE_FEATURES, "optimizer": "momentum"}),
-    ("atlas c = 1", "atlas", {**QUICKSTART_OPTIONS["atlas"], "window": 1}),
+    ("atlas c = 1", "atlas", {**STUDY_OPTIONS["atlas"], "window": 1}),
     (
         "atlas w/o polynomial map (identity phi)",
         "atlas",
         {"muon_per_chunk": True, "feature_map": "identity"},
     ),
-    ("atlas linear memory", "atlas", {**QUICKSTART_OPTIONS["atlas"], "memory": "linear"}),
+    ("atlas linear memory", "atlas", {**STUDY_OPTIONS["atlas"], "memory": "linear"}),
 )
 
 # ATLAS Table 6 (760M / 30B tokens): "LM ppl" = mean of Wiki and LAMBADA ppl (digest 8.5);
@@ -866,7 +867,7 @@ def run_niah_extrapolate(
             model,
             256,
             key=jax.random.key(config.seed),
-            options=QUICKSTART_OPTIONS.get(preset),
+            options=STUDY_OPTIONS.get(preset),
         )
         run = _train_one(
             preset,

@@ -60,9 +60,27 @@ class OptimConfig:
             raise ValueError(f"OptimConfig: `clip_norm` must be > 0; got {self.clip_norm!r}")
 
 
+NO_DECAY_FIELDS = ("norm_scale", "feature_map")
+"""Fields whose leaves AdamW never decays although they are 2-D: the memory layers' per-head
+output-norm scales `(H, d_head)` and feature-map coefficients $a_i$ `(H, p + 1)`."""
+
+
+def weight_decay_mask(params: PyTree) -> PyTree:
+    """`True` for the leaves AdamW decays: arrays of two or more dimensions outside the fields
+    of `NO_DECAY_FIELDS` (so every norm's scale, bias and other vector is excluded, and
+    projections, embeddings, memories' $W_0$, gate matrices and convolutions are decayed)."""
+
+    def decays(path: tuple, leaf: Any) -> bool:
+        names = {getattr(entry, "name", None) for entry in path}
+        return getattr(leaf, "ndim", 0) >= 2 and not names & set(NO_DECAY_FIELDS)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """`clip_by_global_norm` then AdamW on `warmup_cosine_decay_schedule`; weight decay only on
-    matrices (2-D and larger leaves), not on norms' scales or other vectors."""
+    """`clip_by_global_norm` then AdamW on `warmup_cosine_decay_schedule`; weight decay on
+    matrices only (`weight_decay_mask`): not on norms' scales, feature-map coefficients or
+    other vectors."""
     if total_steps < 1:
         raise ValueError(f"make_optimizer: `total_steps` must be >= 1; got {total_steps}")
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
@@ -80,7 +98,7 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
             b1=config.b1,
             b2=config.b2,
             weight_decay=config.weight_decay,
-            mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+            mask=weight_decay_mask,
         ),
     )
 
