@@ -32,8 +32,8 @@ from ._memory import (
     GatedMLPMemory as GatedMLPMemory,
     gauss_newton_curvature as gauss_newton_curvature,
     LinearMemory as LinearMemory,
-    sampled_curvature as sampled_curvature,
     MLPMemory as MLPMemory,
+    sampled_curvature as sampled_curvature,
 )
 from ._model import (
     Block as Block,

@@ -24,7 +24,7 @@ import feature_maps as fm
 import optimizers as iopt
 
 from ._kernel import init_kernel_memory_state, kernel_memory_scan, kernel_memory_stream
-from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, sampled_curvature, MLPMemory
+from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, MLPMemory, sampled_curvature
 from ._mixer import AbstractMixer
 from ._objective import dot, l2
 from ._scan import omega_scan
@@ -643,6 +643,8 @@ class MemoryLayer(AbstractMixer):
         ones = jnp.ones((c.n_heads,), self.q_proj.dtype)
         if c.lr_normalization == "none" or c.optimizer == "muon" or self.memory is None:
             return ones
+        if isinstance(self.memory, LinearMemory):
+            return ones  # both curvatures are exactly ||x||^2 = 1
         if c.lr_normalization == "sampled_curvature":
             curvature = eqx.filter_vmap(sampled_curvature)(self._initial_memory())
         elif type(self.memory).curvature_bound is AbstractMemory.curvature_bound:

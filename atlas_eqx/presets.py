@@ -274,7 +274,7 @@ def deltanet(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int = 1,
     window: int = 1,
     **overrides: Any,
 ) -> MemoryLayer:
@@ -284,6 +284,11 @@ def deltanet(
     Linear memory, $c = 1$, GD on $\tfrac12\|Wk - v\|^2$, no retention ($\alpha \equiv 1$),
     identity $\phi$, $\beta_t = \eta_t = \sigma(\cdot)\in(0, 1)$, $W_0 = 0$ (fixed, as in
     DeltaNet).
+
+    `chunk_size=1` (default) is this recurrence exactly. With $b > 1$ the gradients of a chunk
+    are taken at its start (the frozen-anchor rule of Titans and ATLAS), a different model:
+    $W_{s+b} = W_s(I - \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once
+    $\sum_m\beta_mk_mk_m^\top$ has eigenvalues above 2 (b > d_k at $\beta$ near 1).
     """
     base = dict(
         memory="linear",
@@ -305,7 +310,7 @@ def gated_deltanet(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int = 1,
     window: int = 1,
     **overrides: Any,
 ) -> MemoryLayer:
@@ -314,6 +319,11 @@ def gated_deltanet(
 
     `deltanet` with the retention gate $\alpha_t$ and `decay_first=True` (the gradient is taken
     at the decayed state $\alpha_tW_{t-1}$).
+
+    `chunk_size=1` (default) is this recurrence exactly. With $b > 1$ the gradients of a chunk
+    are taken at its start (the frozen-anchor rule of Titans and ATLAS), a different model:
+    $W_{s+b} = W_s(I - \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once
+    $\sum_m\beta_mk_mk_m^\top$ has eigenvalues above 2 (b > d_k at $\beta$ near 1).
     """
     base = dict(
         memory="linear",
@@ -598,7 +608,7 @@ def _hybrid_parts(
     d_model: int,
     n_heads: int,
     key: PRNGKeyArray,
-    chunk_size: int,
+    chunk_size: int | None,
     window: int,
     attention_window: int,
     memory_preset: str,
@@ -613,9 +623,9 @@ def _hybrid_parts(
             f"{memory_preset!r}"
         )
     k_attention, k_memory, k_hybrid = jax.random.split(key, 3)
-    memory = globals()[memory_preset](
-        d_model, n_heads, key=k_memory, chunk_size=chunk_size, window=window, **overrides
-    )
+    if chunk_size is not None:
+        overrides = {**overrides, "chunk_size": chunk_size}
+    memory = globals()[memory_preset](d_model, n_heads, key=k_memory, window=window, **overrides)
     attention = AttentionLayer(d_model, n_heads, key=k_attention, window=attention_window)
     return attention, memory, k_hybrid
 
@@ -625,7 +635,7 @@ def mag(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     window: int = 4,
     attention_window: int = 2048,
     n_persistent: int = 0,
@@ -637,7 +647,7 @@ def mag(
     \mathcal M(\tilde x))))$.
 
     SWA with window `attention_window` (2048, A-17) and RoPE; the memory branch is the preset
-    `memory_preset` (`"atlas"`) with `chunk_size`, `window` and the `overrides` (its config
+    `memory_preset` (`"atlas"`) with `chunk_size` (`None`: the memory preset's own), `window` and the `overrides` (its config
     fields); `n_persistent` learned persistent tokens (0).
     """
     attention, memory, k = _hybrid_parts(
@@ -651,7 +661,7 @@ def mal(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
     window: int = 4,
     attention_window: int = 2048,
     n_persistent: int = 0,

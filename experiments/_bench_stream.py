@@ -10,7 +10,7 @@ objective, Muon with 5 Newton-Schulz steps; `titans`: the same MLP memory, ident
 $c = 1$, momentum). No projections, convolution or output layers: queries and keys are random
 unit vectors and values random normal vectors of norm about 1, drawn inside the compiled call
 from `fold_in(key, call index)`. The gates are fixed at the preset's initial values
-($\eta$ = `lr_init`, $\alpha$ = `decay_init`, $\theta$ = `momentum_init`, $\gamma$ =
+($\eta$ = the layer's step at its initial gates, $\alpha$ = `decay_init`, $\theta$ = `momentum_init`, $\gamma$ =
 `gamma_init` where the preset has window gates).
 
 **How it streams.** T tokens in T / `call_tokens` calls of `atlas_eqx.omega_scan(...,
@@ -50,7 +50,7 @@ from ._plot import pyplot_or_none, save_figure
 
 # name -> the preset whose memory configuration streams, and its overrides.
 STREAM_MEMORIES: dict[str, dict[str, Any]] = {
-    "atlas (exact Muon)": dict(preset="atlas", options={}),
+    "atlas (exact Muon)": dict(preset="atlas", options={"muon_per_chunk": False}),
     "atlas muon_per_chunk": dict(preset="atlas", options={"muon_per_chunk": True}),
     "titans": dict(preset="titans", options={}),
 }
@@ -119,7 +119,8 @@ QUICK_STREAM_CONFIG = StreamBenchConfig(
 def stream_setup(name: str, head_dim: int, chunk: int, dtype: Any = None) -> dict[str, Any]:
     """The preset's memory configuration for one head of dimension `head_dim`: `config` (its
     `MemoryLayerConfig`), `memory` ($\\mathcal M_0$ in `dtype`, default float32),
-    `feature_map`, `optimizer`."""
+    `feature_map`, `optimizer`, and `lr`: the step the layer takes with its gates at their
+    initial values (`MemoryLayer.inner_step_size` of the gate `lr_init / lr_max`)."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -137,11 +138,14 @@ def stream_setup(name: str, head_dim: int, chunk: int, dtype: Any = None) -> dic
     memory = config.make_memory(key=jax.random.key(1))
     dtype = jnp.float32 if dtype is None else dtype
     memory = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, memory)
+    momentum = jnp.full((1, 1), config.momentum_init) if config.uses_momentum else None
+    lr = layer.inner_step_size(jnp.full((1, 1), config.lr_init / config.lr_max), momentum)
     return dict(
         config=config,
         memory=memory,
         feature_map=config.make_feature_map(),
         optimizer=config.inner_optimizer(),
+        lr=float(lr[0, 0]),
     )
 
 
@@ -173,8 +177,8 @@ def stream_scan(setup: dict[str, Any], state: Any, q: Any, k: Any, v: Any) -> tu
         q,
         k,
         v,
-        full(c.lr_init),
-        full(c.decay_init),
+        full(setup["lr"]),
+        full(c.decay_inits()[0]),
         full(c.momentum_init) if c.uses_momentum else None,
         full(c.gamma_init) if c.gamma_mode == "token" else None,
         feature_map=setup["feature_map"],
@@ -237,7 +241,7 @@ def describe_setup(setup: dict[str, Any]) -> str:
         f"window c = {c.window}" + (f", gamma = {c.gamma_init}" if c.gamma_mode == "token" else ""),
         f"{c.objective} objective",
         f"{c.optimizer}" + (f" ({c.ns_steps} NS steps)" if c.optimizer == "muon" else ""),
-        f"eta = {c.lr_init:.4g}, alpha = {c.decay_init}"
+        f"eta = {setup['lr']:.4g}, alpha = {c.decay_inits()[0]:.4g} (head 0)"
         + (f", theta = {c.momentum_init}" if c.uses_momentum else ""),
         f"chunk {c.chunk_size}",
     ]

@@ -51,7 +51,11 @@ def test_the_compiled_bench_call_is_one_program_and_equals_one_scan_float32():
     """The program the benchmark runs (inputs drawn inside, index as an array) compiles once
     and its carried state after 3 calls equals one float32 scan over the same tokens."""
     name = "atlas muon_per_chunk"
-    setup = bs.stream_setup(name, head_dim=8, chunk=8)
+    # At the preset's step (0.25 per token) the per-chunk Muon recurrence amplifies float32
+    # rounding to the percent level within these 96 tokens (jit against eager, measured), so
+    # a float32 comparison cannot tell a wrong program from rounding there; at a step of 0.05
+    # it is contracting. The float64 test above checks the preset's own step exactly.
+    setup = {**bs.stream_setup(name, head_dim=8, chunk=8), "lr": 0.05}
     call = bs.make_stream_call(setup, 32, seed=5)
     state = bs.initial_stream_state(setup)
     totals = []
@@ -67,8 +71,8 @@ def test_the_compiled_bench_call_is_one_program_and_equals_one_scan_float32():
     np.testing.assert_allclose(
         totals, [float(jnp.sum(y)) for y in jnp.split(y_one, 3)], rtol=1e-4, atol=1e-4
     )
-    # float32, jitted against eager: rounding only (observed ~7e-6 on weights of size ~0.3);
-    # the exact identity is the float64 test above.
+    # float32, jitted against eager: rounding only (observed ~7e-6 on weights of size ~0.3 at
+    # a step of 0.055); the exact identity is the float64 test above.
     for a, b in zip(_leaves(state), _leaves(state_one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
 

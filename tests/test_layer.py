@@ -174,7 +174,9 @@ def test_forward_around_the_memory_matches_numpy(gated_layer):
     assert_close(inputs.q, q)
     assert_close(inputs.k, k)
     assert_close(inputs.v, v)
-    assert_close(inputs.lr, c.lr_max * gate(p.lr_gate).T)
+    # Momentum: the step is eta_max sigma (1 - theta) (lr_momentum_scaling); a linear
+    # memory's curvature normaliser is 1.
+    assert_close(inputs.lr, c.lr_max * gate(p.lr_gate).T * (1 - gate(p.momentum_gate).T))
     assert_close(inputs.decay, gate(p.decay_gate).T)
     assert_close(inputs.momentum, gate(p.momentum_gate).T)
     assert_close(inputs.gamma, gate(p.gamma_gate).reshape(T, N_HEADS, 2).transpose(1, 0, 2))
@@ -190,14 +192,16 @@ def test_forward_around_the_memory_matches_numpy(gated_layer):
 
 
 def test_gates_start_at_the_digest_values(gated_layer):
-    """With x = 0 every gate is sigmoid(bias): alpha 0.99, theta 0.9 (A-7), gamma 0.9, eta."""
+    """With x = 0 every gate is sigmoid(bias): alpha spread over heads from 0.9 to 0.999,
+    theta 0.9 (A-7), gamma 0.9, eta = lr_init (times 1 - theta for momentum)."""
     layer = gated_layer
     c = layer.config
     inputs = memory_inputs(layer, np.zeros((T, D_MODEL)))
-    assert_close(inputs.decay, np.full((N_HEADS, T), 0.99))
+    alphas = -np.expm1(np.linspace(np.log(0.1), np.log(0.001), N_HEADS))
+    assert_close(inputs.decay, np.broadcast_to(alphas[:, None], (N_HEADS, T)))
     assert_close(inputs.momentum, np.full((N_HEADS, T), 0.9))
     assert_close(inputs.gamma, np.full((N_HEADS, T, 2), 0.9))
-    assert_close(inputs.lr, np.full((N_HEADS, T), c.lr_init))
+    assert_close(inputs.lr, np.full((N_HEADS, T), c.lr_init * (1 - 0.9)))
     assert c.lr_init == 0.5 * c.lr_max
 
 
@@ -301,7 +305,9 @@ def test_atlas_without_muon_and_momentum_is_omeganet():
     """I-14: Atlas with NS replaced by the identity (optimizer='momentum') and theta = 0 equals
     OmegaNet on the same inputs, and both equal the naive token loop (chunk_size 2)."""
     key = jax.random.PRNGKey(7)
-    atlas = ae.presets.atlas(D_MODEL, N_HEADS, key=key, chunk_size=2, optimizer="momentum")
+    atlas = ae.presets.atlas(
+        D_MODEL, N_HEADS, key=key, chunk_size=2, optimizer="momentum", muon_per_chunk=False
+    )
     omeganet = ae.presets.omeganet(D_MODEL, N_HEADS, key=key, chunk_size=2)
     assert_close(
         jax.tree.leaves(eqx.filter(atlas.memory, eqx.is_array)),
@@ -424,7 +430,12 @@ def test_dot_with_c1_is_the_kernel_residual_recursion():
 @pytest.fixture(scope="module")
 def atlas_b2():
     return ae.presets.atlas(
-        D_MODEL, N_HEADS, key=jax.random.PRNGKey(14), chunk_size=2, gamma_mode="offset"
+        D_MODEL,
+        N_HEADS,
+        key=jax.random.PRNGKey(14),
+        chunk_size=2,
+        gamma_mode="offset",
+        muon_per_chunk=False,
     )
 
 
@@ -485,12 +496,16 @@ def test_atlas_chunk_aligned_pieces_equal_one_call(atlas_b2):
 
 
 def test_polynomial_presets_pick_a_tractable_feature_map():
-    """Exact degree-2 monomials up to head_dim 32, element-wise degree 2 above (A-2)."""
+    """dla: exact degree-2 monomials up to head_dim 32, element-wise degree 2 above (A-2);
+    atlas, atlas_pp and omeganet: element-wise at every head size."""
     key = jax.random.PRNGKey(0)
-    small = eqx.filter_eval_shape(ae.presets.omeganet, 64, 2, key=key)  # head_dim 32
+    for name in ("atlas", "atlas_pp", "omeganet"):
+        layer = eqx.filter_eval_shape(getattr(ae.presets, name), 64, 2, key=key)
+        assert layer.config.feature_map == "elementwise" and layer.memory.d_in == 32  # pyright: ignore
+    small = eqx.filter_eval_shape(ae.presets.dla, 64, 2, key=key)  # head_dim 32
     assert small.config.feature_map == "polynomial" and small.config.feature_degree == 2
     assert small.memory.d_in == math.comb(32 + 2, 2)  # pyright: ignore
-    large = eqx.filter_eval_shape(ae.presets.omeganet, 128, 2, key=key)  # head_dim 64
+    large = eqx.filter_eval_shape(ae.presets.dla, 128, 2, key=key)  # head_dim 64
     assert large.config.feature_map == "elementwise" and large.memory.d_in == 64  # pyright: ignore
 
 
@@ -498,7 +513,9 @@ def test_polynomial_presets_pick_a_tractable_feature_map():
 def test_l2_presets_step_size_bound(name):
     """eta_max = 1 / (c kappa): eta_t * sum over the window of ||phi(k_i)||^2 <= 1 (kappa(k, k)
     for the kernel memory), on the layer's own inputs with gates near their maximum."""
-    layer = getattr(ae.presets, name)(D_MODEL, N_HEADS, key=jax.random.PRNGKey(16))
+    layer = getattr(ae.presets, name)(
+        D_MODEL, N_HEADS, key=jax.random.PRNGKey(16), lr_normalization="none"
+    )
     c = layer.config
     x = 30.0 * sequence(17)  # saturate the gates
     inputs = memory_inputs(layer, x)
@@ -513,10 +530,12 @@ def test_l2_presets_step_size_bound(name):
 
 
 def test_momentum_presets_scale_the_step_by_one_minus_theta():
-    """With plain momentum the buffer repeats a gradient ~1/(1 - theta) times (presets doc)."""
+    """With plain momentum the buffer repeats a gradient ~1/(1 - theta) times, so the layer
+    multiplies eta_t by 1 - theta_t (`lr_momentum_scaling`; presets doc); eta_max is the GD
+    bound 1 / (c kappa)."""
     key = jax.random.PRNGKey(0)
     titans = eqx.filter_eval_shape(ae.presets.titans, 32, 2, key=key)
-    assert math.isclose(titans.config.lr_max, 1.0 - titans.config.momentum_init)
+    assert math.isclose(titans.config.lr_max, 1.0) and titans.config.lr_momentum_scaling
     omeganet = eqx.filter_eval_shape(
         ae.presets.omeganet, 32, 2, key=key, window=1, feature_map="identity"
     )
@@ -569,7 +588,8 @@ def test_atlas_layer_gradient_matches_central_differences(options):
     parameters equals a fourth-order central difference along three random directions to 1e-8
     (relative). This is the check behind experiments/results/niah-extrapolate/gradient_norm.md:
     atlas's large outer gradient norms are not a wrong gradient."""
-    layer = ae.presets.atlas(4, 1, key=jax.random.PRNGKey(21), chunk_size=4, **options)
+    exact = dict(muon_per_chunk=False, feature_map="polynomial", feature_include_constant=True)
+    layer = ae.presets.atlas(4, 1, key=jax.random.PRNGKey(21), chunk_size=4, **exact | options)
     assert layer.config.optimizer == "muon" and layer.config.feature_map == "polynomial"
     rng = np.random.default_rng(22)
     x = jnp.asarray(rng.standard_normal((10, 4)))

@@ -249,11 +249,15 @@ def test_attention_and_hybrid_overrides_are_checked():
         (D_MODEL, dict(optimizer="adam"), "`optimizer` must be one of"),
         (D_MODEL, dict(gamma_mode="pairwise"), "`gamma_mode` must be one of"),
         (D_MODEL, dict(lr_max=-1.0), "`lr_max` must be > 0"),
-        (D_MODEL, dict(decay_init=1.0), r"`decay_init` must lie in \(0, 1\)"),
+        (D_MODEL, dict(decay_init=1.0), r"`decay_init` must be a number in \(0, 1\)"),
         (D_MODEL, dict(conv_size=-1), "`conv_size` must be an integer >= 0"),
         (D_MODEL, dict(memory_init_std=0.0), "only allowed for memory='linear'"),
         (D_MODEL, dict(optimizer="gd", muon_per_chunk=True), "`muon_per_chunk=True` needs"),
-        (D_MODEL, dict(memory="kernel", optimizer="gd"), "set feature_map='identity'"),
+        (
+            D_MODEL,
+            dict(memory="kernel", optimizer="gd", muon_per_chunk=False),
+            "set feature_map='identity'",
+        ),
     ],
 )
 def test_impossible_configs_raise_clear_errors(d_model, overrides, message):

@@ -5,8 +5,8 @@ spectrum in float64, and the presets' stability at the extremes of their gates."
 import math
 
 import equinox as eqx
-import jax.flatten_util
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,7 +136,7 @@ def test_decay_time_scales_spread_geometrically_over_heads():
     single = ae.MemoryLayerConfig(d_model=16, n_heads=1, decay_init=(0.9, 0.999))
     np.testing.assert_allclose(single.decay_inits(), [1 - math.sqrt(0.1 * 0.001)], rtol=1e-12)
     assert ae.MemoryLayerConfig(d_model=16, n_heads=4, decay_init=0.99).decay_inits() == (0.99,) * 4
-    for bad in (1.0, (0.9, 1.0), (0.5,), (0.1, 0.2, 0.3)):
+    for bad in (1.0, 0.0, (0.9, 1.0), (0.0, 0.5)):
         with pytest.raises(ValueError, match="decay_init"):
             ae.MemoryLayerConfig(d_model=16, n_heads=4, decay_init=bad)
 
@@ -181,5 +181,49 @@ def test_inner_loop_at_the_gates_extremes_stays_finite(name):
         )
     assert diverged_at is None and done == 10_000
     assert EXTREME_MOMENTUM == 0.99
-    if math.isfinite(start) and start > 0:
-        assert largest / start < 1e6
+    if math.isfinite(start) and start > 0 and layer.config.objective == "l2":
+        # The l2 rules fit the values, so their weights stay bounded (Muon's fixed-size steps
+        # drift the most: ~25x). The Hebbian MLP memory (dla) has no such restoring force:
+        # with alpha = 1 its two layers reinforce each other and grow without bound (finite
+        # here; the decay gate bounds them), which the probe's table reports.
+        assert largest / start < 100
+
+
+MAIN_JOB_PRESETS = ["atlas", "omeganet", "titans", "gated_deltanet", "transformer"]
+
+
+def _train_at(name: str, lr: float, steps: int):
+    from experiments._mqar import multiquery_ar
+    from experiments._recall import mqar_batches
+    from experiments._train import OptimConfig, train
+
+    task = multiquery_ar(256, 32, 64, 4, seed=0)
+    model = ae.LanguageModel(64, 32, 1, 2, key=jax.random.key(0), mixer=name)
+    return train(
+        model,
+        mqar_batches(task, 8, 0),
+        steps=steps,
+        optim=OptimConfig(lr=lr, warmup_steps=5),
+        progress=False,
+        resume=False,
+    )
+
+
+@pytest.mark.parametrize("name", MAIN_JOB_PRESETS)
+def test_main_job_presets_do_not_diverge_at_outer_lr_1e_2(name):
+    # A reduced main job (d_model 32, 2 heads, 1 block, batches of 8) at the largest outer
+    # learning rate of the sweep; `train` raises TrainingDiverged on a non-finite loss.
+    with jax.enable_x64(False):
+        result = _train_at(name, 1e-2, 50)
+    losses = [record["loss"] for record in result.history]
+    assert len(losses) == 50 and all(math.isfinite(loss) for loss in losses)
+    params = eqx.filter(result.model, eqx.is_inexact_array)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in presets.__all__ if n not in MAIN_JOB_PRESETS])
+def test_other_presets_do_not_diverge_at_outer_lr_1e_2(name):
+    with jax.enable_x64(False):
+        result = _train_at(name, 1e-2, 80)
+    assert all(math.isfinite(record["loss"]) for record in result.history)
