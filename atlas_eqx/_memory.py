@@ -272,7 +272,7 @@ def gauss_newton_curvature(
 
     u, _ = jax.lax.scan(step, u, None, length=iterations)
     (g,) = pullback(u)
-    return sum(jnp.sum(a * a) for a in jax.tree.leaves(g))
+    return jnp.sum(jnp.stack([jnp.sum(a * a) for a in jax.tree.leaves(g)]))
 
 
 def sampled_curvature(memory: AbstractMemory, n_probes: int = 16) -> Float[Array, ""]:
