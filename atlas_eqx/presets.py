@@ -26,16 +26,17 @@ the MLP memory and its Newton-Schulz that much wider: at the main job's size Atl
   for the exact polynomial, $(\sum_i a_i)^2$ for the element-wise one), so that
   $\eta_t\sum_i\gamma_{t,i}\|\phi_i\|^2 \le 1$ and a GD step on a linear memory never
   overshoots; with $c = 1$ and the identity this is DeltaNet's $\beta_t\in(0,1)$. The layer
-  divides $\eta_t$ by the memory's mean Gauss-Newton curvature (`lr_normalization=
-  "sampled_curvature"`; 1 for linear memories, about 2 for the MLP memory at initialisation),
-  so deep memories write as strongly as the rule intends and stay stable; and, for momentum,
+  divides $\eta_t$ by the memory's Gauss-Newton curvature sampled over 16 unit inputs
+  (`lr_normalization="sampled_curvature"`; 1 for linear memories, about 3.4 for the MLP memory
+  at initialisation), so deep memories write about as strongly as the rule intends and stay
+  finite at the gates' extremes at head dimension 16 (see `MemoryLayerConfig`); and, for momentum,
   multiplies it by $1-\theta_t$ (`lr_momentum_scaling`), since the buffer repeats a gradient
   about $1/(1-\theta)$ times.
 - Muon (`atlas`, `atlas_pp`): its step $\mathrm{NS}(S)$ has singular values near 1 whatever
   the gradient's size, so the GD bound says nothing about it. $\eta_{\max}$ = `MUON_LR_MAX`
   = 0.5, chosen with the write-strength probe (`atlas-eqx probe`): at the former
   $1/(c\kappa_\phi) = 0.11$ Atlas wrote 8% of the needed correction after 8 writes, at 0.5 it
-  writes 43% (Titans 23%, Gated DeltaNet 50%), and its fast weights stay bounded at the gates'
+  writes 43% (Titans 11%, Gated DeltaNet 48%), and its fast weights stay bounded at the gates'
   extremes.
 - Hebbian presets: $\eta_{\max} = 1$.
 """
