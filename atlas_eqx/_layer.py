@@ -94,8 +94,12 @@ class MemoryLayerConfig:
     - `window`: $c$, the Omega window (A-30: 4). For `memory="kernel"` it is the number of
       gradient terms each step writes (`omega_window` of `kernel_memory_scan`: SWDT, Dot).
     - `chunk_size`: $b$ (A-11: configurable; 16 as in Miras). Gradients inside a chunk are
-      taken at the chunk-start weights; `chunk_size=1` is the token-by-token rule.
+      taken at the chunk-start weights; `chunk_size=1` is the token-by-token rule. Part of the
+      model, never a speed setting.
     - `method`: `"chunked"` (the fast path) or `"sequential"` (the oracle); equal results.
+    - `block_size`: how many steps the exact chunk-parallel form processes together (linear
+      memory, GD, `l2` or `dot`: `atlas_eqx._exact_chunked`); `None` is its measured default.
+      A speed setting only: every value computes the same function.
     - `decay_first`: take gradients at the decayed state (Gated DeltaNet's order, I-12).
 
     **Gates**, per token and per head, $\sigma(w^\top x_t + b)$ of the layer input (A-7, A-29)
@@ -177,6 +181,7 @@ class MemoryLayerConfig:
     window: int = 4
     chunk_size: int = 16
     method: str = "chunked"
+    block_size: int | None = None
     decay_first: bool = False
     lr_gate: bool = True
     lr_max: float = 1.0
@@ -239,6 +244,8 @@ class MemoryLayerConfig:
         _check_int("window", self.window, 1)
         _check_int("chunk_size", self.chunk_size, 1)
         _check_choice("method", self.method, _METHODS)
+        if self.block_size is not None:
+            _check_int("block_size", self.block_size, 1)
         for name in ("lr_max",):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -740,6 +747,7 @@ class MemoryLayer(AbstractMixer):
                 window=c.window,
                 chunk_size=c.chunk_size,
                 method=c.method,  # pyright: ignore[reportArgumentType]
+                block_size=c.block_size,
                 state=head_state,
                 decay_first=c.decay_first,
                 muon_per_chunk=c.muon_per_chunk,

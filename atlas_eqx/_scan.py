@@ -12,6 +12,7 @@ import feature_maps as fm
 import optimizers as iopt
 
 from ._chunked import chunked_scan
+from ._exact_chunked import exact_linear_scan, has_exact_form
 from ._memory import AbstractMemory
 from ._objective import l2
 from ._pallas import check_supported as check_pallas_supported, pallas_scan, resolve_backend
@@ -41,6 +42,7 @@ def omega_scan(
     window: int = 1,
     chunk_size: int = 1,
     method: Method = "sequential",
+    block_size: int | None = None,
     state: OmegaState | None = None,
     decay_first: bool = False,
     muon_per_chunk: bool = False,
@@ -102,6 +104,12 @@ def omega_scan(
         )
     if method not in _METHODS:
         raise ValueError(f"omega_scan: `method` must be one of {_METHODS}; got {method!r}")
+    if block_size is not None and (
+        not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+    ):
+        raise ValueError(
+            f"omega_scan: `block_size` must be an integer >= 1 or None; got {block_size!r}"
+        )
     d_features = feature_map.out_dim(d_k)
     if d_features != memory.d_in:
         raise ValueError(
@@ -175,10 +183,15 @@ def omega_scan(
         return sequential_scan(*arrays, **options)
     if method == "pallas":
         return _pallas_scan_jit(*arrays, **options)
+    if has_exact_form(state.memory, optimizer, objective):
+        del options["optimizer"]
+        arrays = (state, features_q, features_k, v, lr, decay, gamma)
+        return _exact_linear_scan_jit(*arrays, **options, block_size=block_size)
     return _chunked_scan_jit(*arrays, **options, muon_per_chunk=muon_per_chunk)
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)
+_exact_linear_scan_jit = eqx.filter_jit(exact_linear_scan)
 _pallas_scan_jit = eqx.filter_jit(pallas_scan)
 
 

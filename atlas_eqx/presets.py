@@ -18,6 +18,15 @@ the MLP memory and its Newton-Schulz that much wider: at the main job's size Atl
 `feature_map="polynomial"` for the exact map. `dla` keeps the exact map up to head dimension
 32 and the element-wise map above.
 
+**Chunk size** (A-11) is part of the model: within a chunk of $b$ tokens every gradient is
+taken at the chunk-start weights. `deltanet`, `gated_deltanet`, `linear_attention` and `swla`
+default to $b = 1$, the exact recurrence of their papers; the fast path runs them
+chunk-parallel in execution blocks (`block_size`, a speed setting only, in UT-transform form:
+`atlas_eqx._exact_chunked`). Learners with no such closed form (momentum, Muon, MLP memories)
+define their model with $b$, as Titans and ATLAS do: `atlas`, `atlas_pp` ($b = 4$),
+`omeganet`, `titans`, `dla` ($b = 16$). The kernel memories (`deep_transformer`, `swdt`,
+`dot`) and attention are exact at any $b$.
+
 **Inner step size** (A-7), $\eta_t = \eta_{\max}\sigma(\cdot)$, then
 `MemoryLayer.inner_step_size`:
 
@@ -286,10 +295,13 @@ def deltanet(
     identity $\phi$, $\beta_t = \eta_t = \sigma(\cdot)\in(0, 1)$, $W_0 = 0$ (fixed, as in
     DeltaNet).
 
-    `chunk_size=1` (default) is this recurrence exactly. With $b > 1$ the gradients of a chunk
-    are taken at its start (the frozen-anchor rule of Titans and ATLAS), a different model:
-    $W_{s+b} = W_s(I - \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once
-    $\sum_m\beta_mk_mk_m^\top$ has eigenvalues above 2 (b > d_k at $\beta$ near 1).
+    Its defaults compute this recurrence exactly (`chunk_size=1`), chunk-parallel: the fast
+    path runs it in execution blocks of `block_size` tokens in UT-transform form
+    (`atlas_eqx._exact_chunked`, as fla's chunkwise kernels do), and the block changes the
+    speed only. With $b > 1$ the gradients of a chunk are taken at its start (the
+    frozen-anchor rule of Titans and ATLAS), a different model: $W_{s+b} = W_s(I -
+    \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once $\sum_m\beta_mk_mk_m^\top$ has
+    eigenvalues above 2 (b > d_k at $\beta$ near 1).
     """
     base = dict(
         memory="linear",
@@ -321,10 +333,13 @@ def gated_deltanet(
     `deltanet` with the retention gate $\alpha_t$ and `decay_first=True` (the gradient is taken
     at the decayed state $\alpha_tW_{t-1}$).
 
-    `chunk_size=1` (default) is this recurrence exactly. With $b > 1$ the gradients of a chunk
-    are taken at its start (the frozen-anchor rule of Titans and ATLAS), a different model:
-    $W_{s+b} = W_s(I - \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once
-    $\sum_m\beta_mk_mk_m^\top$ has eigenvalues above 2 (b > d_k at $\beta$ near 1).
+    Its defaults compute this recurrence exactly (`chunk_size=1`), chunk-parallel: the fast
+    path runs it in execution blocks of `block_size` tokens in UT-transform form
+    (`atlas_eqx._exact_chunked`, as fla's chunkwise kernels do), and the block changes the
+    speed only. With $b > 1$ the gradients of a chunk are taken at its start (the
+    frozen-anchor rule of Titans and ATLAS), a different model: $W_{s+b} = W_s(I -
+    \sum_m\beta_mk_mk_m^\top) + \dots$, which expands once $\sum_m\beta_mk_mk_m^\top$ has
+    eigenvalues above 2 (b > d_k at $\beta$ near 1).
     """
     base = dict(
         memory="linear",
@@ -355,7 +370,7 @@ def linear_attention(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int = 1,
     window: int = 1,
     **overrides: Any,
 ) -> MemoryLayer:
@@ -364,6 +379,10 @@ def linear_attention(
     Linear memory, Hebbian objective $-\langle Wk, v\rangle$ (`ae.dot`), one GD step with
     $\eta \equiv 1$, no retention, $W_0 = 0$ (fixed), identity $\phi$ on $\ell_2$-normalised
     q, k. Equals the masked quadratic form $Y = \mathrm{tril}(QK^\top)V$ (digest I-4).
+
+    The Hebbian gradient does not depend on $W$, so every `chunk_size` computes this same
+    recurrence; the default `chunk_size=1` says so, and the fast path runs it in execution
+    blocks of `block_size` tokens (`atlas_eqx._exact_chunked`).
     """
     base = dict(
         memory="linear",
@@ -423,7 +442,7 @@ def swla(
     n_heads: int,
     *,
     key: PRNGKeyArray,
-    chunk_size: int = 16,
+    chunk_size: int = 1,
     window: int = 4,
     **overrides: Any,
 ) -> MemoryLayer:
@@ -433,6 +452,9 @@ def swla(
     over a window $c = 4$, linear memory, $W_0 = 0$ (fixed), identity $\phi$, gates $\eta$
     ($\eta_{\max} = 1$), $\alpha$ (Eq 54) and separable $\gamma$. SWLA is not SWA: with
     $\alpha = \gamma = 1$ the coefficient of $v_ik_i^\top$ in $W_t$ is $\min(c, t-i+1)$ (I-30).
+    Its defaults compute this recurrence exactly (`chunk_size=1`; the Hebbian gradient does
+    not depend on $W$, so any $b$ would too), chunk-parallel in execution blocks of
+    `block_size` tokens (`atlas_eqx._exact_chunked`).
     """
     base = dict(
         memory="linear",

@@ -1,0 +1,240 @@
+r"""The exact chunk-parallel form of the Omega rule for a linear memory under GD: execution
+blocks that change the speed, never the model (the UT / WY transform of the delta rule,
+generalised to windows, window gates, retention in either order, and frozen-anchor chunks).
+
+With a linear memory, plain GD and an objective whose output gradient is affine in the
+prediction (`l2`: $r = p - v$; `dot`: $r = -v$), step $m$ writes
+
+$$W_{m+1} = \alpha_mW_m - \eta_m\sum_{o<c}\gamma_{m,o}\,r_{m,o}\,\phi_{m-o}^\top,\qquad
+r_{m,o} = \nabla\mathrm{obj}\big(\beta_mW_{a(m)}\phi_{m-o},\ v_{m-o}\big),$$
+
+where $a(m)$ is the step's gradient anchor (the first step of its model chunk of `chunk_size`
+$b$ tokens; $a(m) = m$ for the exact recurrence $b = 1$) and $\beta_m = \prod_{j=a(m)}^{m}
+\alpha_j$ with `decay_first` (Gated DeltaNet's order), else 1. Index the weights by positions
+$p = 0, \dots, L$ of an execution block of $L$ steps ($W$ at position $p$ is the state after
+$p$ of its steps) and let $D[p, q] = \prod_{j=q}^{p-1}\alpha_j$. Every residual is then an affine
+function of the block-start weights $W_0$ and of the residuals of earlier model chunks:
+
+$$r_{i,o} + \sum_{m + 1 \le a(i)}D[e_i, m+1]\,\eta_m\sum_{o'}\gamma_{m,o'}\,
+(\phi_{m-o'}^\top\phi_{i-o})\,r_{m,o'} = D[e_i, 0]\,W_0\phi_{i-o} - v_{i-o},$$
+
+with $e_i = i + 1$ under `decay_first`, else $a(i)$. Over the $Lc$ (step, window offset)
+pairs, ordered by step, this is $(I + T)R = \mathrm{diag}(D[e, 0])XW_0^\top - V_X$ with $T$
+strictly lower triangular ($X$, $V_X$: the features and values of the pairs). Its solution
+$R = \tilde XW_0^\top - U$, with $\tilde X = (I+T)^{-1}\mathrm{diag}(D[e,0])X$ and
+$U = (I+T)^{-1}V_X$, needs no state, so it is computed for every block at once before the
+loop; the loop over blocks only carries $W_0$:
+
+$$R = \tilde XW_0^\top - U,\qquad Y = D[\cdot + 1, 0]\odot(QW_0^\top) - PR,\qquad
+W_L = D[L, 0]\,W_0 - (c\odot R)^\top X,$$
+
+with $P[i, (m, o)] = [m \le i]\,D[i+1, m+1]\,\eta_m\gamma_{m,o}\,(q_i^\top\phi_{m-o})$ and
+$c[(m, o)] = D[L, m+1]\,\eta_m\gamma_{m,o}$. For $b = 1$ and $c = 1$ this is fla's chunkwise
+delta rule (the UT transform); for `dot`, $T = 0$ and it is chunked linear attention. The block
+length $L$ is a speed setting only: it is rounded up to a multiple of $b$ so that model chunks
+never straddle blocks, and every $L$ computes the same function (tested against
+`sequential_scan` in float64).
+
+`chunked_scan` sends linear memories under GD with `l2` or `dot` here; momentum, Muon, MLP
+memories and other objectives have no such closed form and keep the frozen-anchor chunk loop
+of `atlas_eqx._chunked`, where the chunk size is part of the model (as in Titans and ATLAS).
+"""
+
+import functools
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Scalar
+
+import optimizers as iopt
+
+from ._chunked import _scan_chunk_indices, carry_window, decay_matrix, make_chunks
+from ._memory import LinearMemory
+from ._objective import dot, l2
+from ._state import OmegaState
+
+
+DEFAULT_BLOCK_SIZE = 64
+"""Steps per execution block when `block_size=None` (`atlas-eqx bench exact`, see
+`experiments/results/exact-chunked/results.md`)."""
+
+
+def has_exact_form(memory, optimizer: iopt.InnerOptimizer, objective) -> bool:
+    """Whether `exact_linear_scan` computes this model: a `LinearMemory`, plain GD (no momentum,
+    no preconditioner) and the `l2` or `dot` objective."""
+    return (
+        isinstance(memory, LinearMemory)
+        and not optimizer.uses_momentum
+        and optimizer.precondition is iopt.no_precondition
+        and (objective is l2 or objective is dot)
+    )
+
+
+def execution_block(chunk_size: int, block_size: int | None) -> int:
+    """The block length actually run: `block_size` (default `DEFAULT_BLOCK_SIZE`) rounded up
+    to a multiple of the model's `chunk_size`, so that model chunks never straddle blocks."""
+    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    return -(-block // chunk_size) * chunk_size
+
+
+class _BlockInputs(eqx.Module):
+    """Everything of one block (stacked over blocks) that does not depend on the state."""
+
+    features: Float[Array, "*blocks n_e d_in"]  # Phi_E: the block's steps and c - 1 before
+    queries: Float[Array, "*blocks L d_in"]  # Q
+    read_decay: Float[Array, "*blocks L"]  # D[i + 1, 0]
+    read_tokens: Float[Array, "*blocks L n_e"]  # P Z
+    read_values: Float[Array, "*blocks L d_out"]  # P U
+    end_decay: Float[Array, "*blocks"]  # D[L, 0]
+    end_tokens: Float[Array, "*blocks n_e n_e"]  # S^T diag(c) Z
+    end_values: Float[Array, "*blocks n_e d_out"]  # S^T diag(c) U
+
+
+def _pairs(x: Array, L: int, c: int) -> Array:
+    """Rows of extended tokens `(L + c - 1, ...)` -> rows of (step m, offset o) pairs
+    `(L c, ...)`: pair (m, o) is the token o steps behind step m, extended token m + c - 1 - o."""
+    return jnp.stack([x[c - 1 - o : c - 1 - o + L] for o in range(c)], 1).reshape(L * c, -1)
+
+
+def _pair_gram(gram: Array, L: int, c: int) -> Array:
+    """The Gram matrix of the extended tokens `(L + c - 1, L + c - 1)` -> that of the pairs."""
+    rows = [_pairs(gram[c - 1 - o : c - 1 - o + L].T, L, c) for o in range(c)]  # [o]: (L c, L)
+    return jnp.stack(rows, 2).reshape(L * c, L * c)
+
+
+def _sum_over_tokens(x: Array, L: int, c: int) -> Array:
+    """Columns over pairs `(..., L c)` -> columns over extended tokens `(..., L + c - 1)`,
+    summing the pairs that read the same token (the transpose of `_pairs`)."""
+    by_offset = x.reshape(x.shape[0], L, c)
+    shifted = [jnp.pad(by_offset[:, :, o], ((0, 0), (c - 1 - o, o))) for o in range(c)]
+    return functools.reduce(jnp.add, shifted)
+
+
+def _block_inputs(
+    features_e: Float[Array, "n_e d_in"],
+    values_e: Float[Array, "n_e d_out"],
+    step_gates: Float[Array, "L c"],
+    queries: Float[Array, "L d_in"],
+    lr: Float[Array, " L"],
+    decay: Float[Array, " L"],
+    *,
+    chunk_size: int,
+    decay_first: bool,
+    affine_in_prediction: bool,
+) -> _BlockInputs:
+    L, c = step_gates.shape
+    dtype = lr.dtype
+
+    def per_pair(x):  # (L, ...) per step m -> (L c, ...) per pair (m, o)
+        return jnp.broadcast_to(x[:, None], (L, c, *x.shape[1:])).reshape(L * c, *x.shape[1:])
+
+    D = decay_matrix(jnp.concatenate([jnp.ones((1,), dtype), decay]))  # (L + 1, L + 1)
+    step = jnp.arange(L)
+    writes = (lr[:, None] * step_gates).reshape(-1)  # eta_m gamma_{m,o}
+
+    read_weights = jnp.where(step[:, None] >= step[None, :], D[1:, 1:], 0.0)  # [i, m]
+    query_pairs = _pairs(features_e @ queries.T, L, c).T  # q_i . phi_(m, o)
+    read_pairs = per_pair(read_weights.T).T * writes[None, :] * query_pairs  # P
+    end_pairs = per_pair(D[L, 1:]) * writes  # c
+
+    anchor = (step // chunk_size) * chunk_size  # a(i), a position
+    evaluated_at = step + 1 if decay_first else anchor  # e_i
+    rhs_decay = per_pair(D[evaluated_at, 0])
+    inverse = jnp.eye(L * c, dtype=dtype)  # (I + T)^-1
+    if affine_in_prediction and chunk_size < L:
+        earlier = step[None, :] + 1 <= anchor[:, None]  # [i, m]: m's write is in W_{a(i)}
+        coupling = jnp.where(earlier, D[evaluated_at][:, 1:], 0.0)
+        coupling = per_pair(per_pair(coupling.T).T) * writes[None, :]
+        coupling = coupling * _pair_gram(features_e @ features_e.T, L, c)
+        inverse = jax.scipy.linalg.solve_triangular(
+            inverse + coupling, inverse, lower=True, unit_diagonal=True
+        )
+    # X~ = Z Phi_E and U = Z_v V_E, with the pairs of one token summed (X = S Phi_E).
+    Z = _sum_over_tokens(inverse * rhs_decay[None, :], L, c)
+    if not affine_in_prediction:  # dot: r = -v whatever the weights
+        Z = jnp.zeros_like(Z)
+    U = _sum_over_tokens(inverse, L, c) @ values_e
+
+    def sum_rows_over_tokens(x):  # S^T x
+        return _sum_over_tokens(x.T, L, c).T
+
+    return _BlockInputs(
+        features=features_e,
+        queries=queries,
+        read_decay=D[1:, 0],
+        read_tokens=read_pairs @ Z,
+        read_values=read_pairs @ U,
+        end_decay=D[L, 0],
+        end_tokens=sum_rows_over_tokens(end_pairs[:, None] * Z),
+        end_values=sum_rows_over_tokens(end_pairs[:, None] * U),
+    )
+
+
+def exact_linear_scan(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    objective: Callable[..., Scalar],
+    window: int,
+    chunk_size: int,
+    decay_first: bool,
+    block_size: int | None = None,
+    remat: bool = True,
+) -> tuple[Float[Array, "T d_out"], OmegaState]:
+    """`sequential_scan` for a linear memory under GD with `l2` or `dot` (same results), in
+    execution blocks of `execution_block(chunk_size, block_size)` steps (module docstring).
+
+    Arguments are validated by `omega_scan`; this is the unchecked implementation.
+    """
+    T = v.shape[0]
+    memory = state.memory
+    assert isinstance(memory, LinearMemory)
+    L = execution_block(chunk_size, block_size)
+    zeros = jnp.zeros_like(lr)
+    blocks, _ = make_chunks(
+        state, features_q, features_k, v, lr, decay, zeros, gamma, window=window, chunk_size=L
+    )
+    inputs = jax.vmap(
+        lambda *arrays: _block_inputs(
+            *arrays,
+            chunk_size=chunk_size,
+            decay_first=decay_first,
+            affine_in_prediction=objective is l2,
+        )
+    )(
+        blocks.features_e,
+        blocks.values_e,
+        blocks.step_gates,
+        blocks.features_q,
+        blocks.lr,
+        blocks.decay,
+    )
+
+    def body(W, k):
+        block = jax.tree.map(lambda x: x[k], inputs)
+        H = block.features @ W.T  # W_0 phi_j for the block's tokens
+        y = block.read_decay[:, None] * (block.queries @ W.T) - block.read_tokens @ H
+        y = y + block.read_values
+        W = block.end_decay * W - (block.end_tokens @ H - block.end_values).T @ block.features
+        return W, y
+
+    W, y = _scan_chunk_indices(body, memory.weight, blocks.lr.shape[0], remat)
+    y = y.reshape(-1, v.shape[1])[:T]
+    new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
+    new_state = carry_window(
+        state,
+        features_k,
+        v,
+        gamma,
+        window=window,
+        memory=new_memory,
+        optimizer_state=state.optimizer_state,
+    )
+    return y, new_state
