@@ -56,7 +56,7 @@ from ._objective import dot, l2
 from ._state import OmegaState
 
 
-DEFAULT_BLOCK_SIZE = 64
+DEFAULT_BLOCK_SIZE = 32
 """Steps per execution block when `block_size=None` (`atlas-eqx bench exact`, see
 `experiments/results/exact-chunked/results.md`)."""
 

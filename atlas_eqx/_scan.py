@@ -73,10 +73,19 @@ def omega_scan(
     - `optimizer`: the inner learner (`optimizers.gd()`, `momentum()`, `muon()`, ...).
     - `window`: $c \geq 1$. `chunk_size`: $b \geq 1$; within a chunk every gradient is taken at
       the chunk-start weights, and window tokens from the previous chunk are re-evaluated there.
+      `chunk_size` is part of the model (the paper's mini-batch $b$; 1 is the token-by-token
+      rule), never a speed setting: every `method` and `block_size` computes the same function.
     - `method`: `"sequential"` (the oracle), `"chunked"` or `"pallas"` (the chunk loop as a
       Pallas kernel for `LinearMemory` and `MLPMemory` with GD, momentum or Muon; interpret
       mode on CPU, Triton on GPU, Mosaic on TPU; gradients through the chunked path; see
       `atlas_eqx._pallas`).
+    - `block_size`: how many steps `method="chunked"` processes together where an exact
+      chunk-parallel form exists: a `LinearMemory` under plain GD with `l2` or `dot`, any
+      `chunk_size`, window, gates and `decay_first` (the UT transform of the delta rule,
+      `atlas_eqx._exact_chunked`; rounded up to a multiple of `chunk_size`; `None` is its
+      measured default). A speed setting only. Other learners and memories (momentum, Muon,
+      MLP memories, other objectives) have no such form: the chunked path processes one model
+      chunk of `chunk_size` tokens at a time and ignores `block_size`.
     - `state`: an `OmegaState` returned by a previous call; splitting a sequence at a chunk
       boundary into two calls equals one call.
     - `decay_first`: take gradients at $(\prod_{j=s+1}^{t}\alpha_j)W_s$ instead of $W_s$

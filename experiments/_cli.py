@@ -168,9 +168,21 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.what == "peers":
         return _bench_peers(args)
+    if args.what == "exact":
+        from ._bench_exact import ExactBenchConfig, run_exact_benchmark
+
+        run_exact_benchmark(
+            ExactBenchConfig(
+                length=max(args.lengths),
+                block_sizes=tuple(args.block_sizes),
+                repeats=5 if args.repeats is None else args.repeats,
+                out_dir=args.out_dir or "experiments/results/exact-chunked",
+            )
+        )
+        return 0
     if args.what != "scan":
         raise SystemExit(
-            f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers"
+            f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers, exact"
         )
     config = ScanBenchConfig(
         lengths=tuple(args.lengths),
@@ -399,9 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and atlas layers against titans-pytorch NeuralMemory (needs the `bench` extra), a "
         "numerical cross-check, the LM training step against attention, and streaming "
         "inference of a memory-only atlas scan at up to 1M tokens (part stream); writes "
-        "experiments/results/bench_peers/.",
+        "experiments/results/bench_peers/. bench exact: the exact chunk-parallel delta / Omega "
+        "rule (execution blocks --block-sizes) against the sequential recurrence and fla's "
+        "torch chunkwise form, d 64 and 128, c 1 and 3, at the longest of --lengths; writes "
+        "experiments/results/exact-chunked/.",
     )
-    bench.add_argument("what", choices=["scan", "peers"], help="which benchmark to run")
+    bench.add_argument("what", choices=["scan", "peers", "exact"], help="which benchmark to run")
+    bench.add_argument(
+        "--block-sizes",
+        type=int,
+        nargs="+",
+        default=[16, 32, 64],
+        help="exact: execution blocks to compare (default 16 32 64)",
+    )
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 64])
     bench.add_argument(
@@ -439,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="peers: tiny configurations (a smoke run)"
     )
     bench.add_argument(
-        "--out-dir", default=None, help="peers: default experiments/results/bench_peers"
+        "--out-dir",
+        default=None,
+        help="peers: default experiments/results/bench_peers; exact: "
+        "experiments/results/exact-chunked",
     )
     bench.add_argument(
         "--skip",
