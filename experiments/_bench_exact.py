@@ -20,7 +20,6 @@ here, never a timed test.
 """
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 from collections.abc import Callable
@@ -32,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import atlas_eqx as ae
+from atlas_eqx._exact_chunked import DEFAULT_BLOCK_SIZE
 
 from ._bench import _time_interleaved
+from ._bench_peers import load_fla_naive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +55,8 @@ def _fla_delta_rule_chunkwise() -> Callable | None:
     between the interleaved calls; `OMP_WAIT_POLICY=PASSIVE` (set before torch loads) stops it.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if importlib.util.find_spec("torch") is None:
-        return None
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        path = pathlib.Path(location) / "ops" / "delta_rule" / "naive.py"
-        if path.is_file():
-            module_spec = importlib.util.spec_from_file_location("_fla_delta_rule_naive", path)
-            assert module_spec is not None and module_spec.loader is not None
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-            return module.delta_rule_chunkwise
-    return None
+    module = load_fla_naive("delta_rule")
+    return None if module is None else module.delta_rule_chunkwise
 
 
 def _inputs(T: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -204,6 +193,62 @@ def run_exact_benchmark(config: ExactBenchConfig = ExactBenchConfig()) -> list[d
     return rows
 
 
+TARGETS = {128: 10.0, 64: 5.0}
+"""Issue 19's targets: forward+backward at least this many times the sequential path."""
+
+
+def _target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets read off this run at the default execution block, and why the
+    forward pass cannot gain much on a CPU."""
+    default = f"exact L={DEFAULT_BLOCK_SIZE}"
+    lines = [
+        f"## Targets, at the default execution block ({DEFAULT_BLOCK_SIZE})",
+        "",
+        "| d | c | forward+backward x sequential | target | met | x fla chunkwise "
+        "(best BT), forward / forward+backward |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["name"] != default or r["d"] not in TARGETS:
+            continue
+        target = TARGETS[r["d"]]
+        peers = [
+            p
+            for p in rows
+            if p["d"] == r["d"] and p["window"] == r["window"] and p["name"].startswith("fla")
+        ]
+        if peers:
+            best_fwd = max(p["fwd_tokens_per_s"] for p in peers)
+            best_bwd = max(p["fwd_bwd_tokens_per_s"] for p in peers)
+            versus = (
+                f"{r['fwd_tokens_per_s'] / best_fwd:.2f} / "
+                f"{r['fwd_bwd_tokens_per_s'] / best_bwd:.2f}"
+            )
+        else:
+            versus = "fla has no window" if r["window"] > 1 else "fla not installed"
+        met = "yes" if r["fwd_bwd_ratio"] >= target else "no"
+        lines.append(
+            f"| {r['d']} | {r['window']} | {r['fwd_bwd_ratio']:.2f} | {target:g} | {met} | "
+            f"{versus} |"
+        )
+    lines += [
+        "",
+        "Why the forward pass stays near the sequential one here: per token the sequential "
+        "recurrence does (2c + 1) d^2 multiply-adds (c residuals, c rank-1 writes, one read), "
+        "and the chunk-parallel form does about the same d^2 work plus O(L c^2 d) for the block's "
+        "Gram matrix and triangular solve, so it is no cheaper in FLOPs; it can only run them "
+        "as matrix-matrix instead of matrix-vector products. On 2 CPU cores the sequential "
+        "forward already runs at 9-17 Gflop/s (d 64-128) against a measured GEMM peak of about 100 Gflop/s "
+        "(1024^3 float32 matmul), and the batched 32-64-row matmuls of a block reach 30-55 "
+        "Gflop/s, which bounds the forward gain to a small factor. The backward pass of the "
+        "sequential scan differentiates through a per-token `jax.grad` inside `lax.scan` and "
+        "is several times slower than its forward, which is where the exact form gains most. "
+        "On a GPU the balance differs (fla's Triton kernels exist for that reason); this page "
+        "is CPU only.",
+    ]
+    return lines
+
+
 def format_exact_table(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         "# Exact chunk-parallel form: speed against the sequential recurrence and fla",
@@ -224,4 +269,5 @@ def format_exact_table(rows: list[dict[str, Any]], header: str) -> str:
             f"{r['fwd_ratio']:.2f} | {r['fwd_bwd_tokens_per_s']:,.0f} | {r['fwd_bwd_ratio']:.2f} | "
             f"{r['max_abs_difference']:.1e} |"
         )
+    lines += ["", *_target_lines(rows)]
     return "\n".join(lines)

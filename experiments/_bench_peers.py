@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,22 +95,31 @@ def require_peers() -> tuple[Any, Any]:
     return modules[0], modules[1]
 
 
-def load_fla_naive_delta_rule() -> Callable | None:
-    """fla's own `delta_rule_recurrence` (fla-core's `fla/ops/delta_rule/naive.py`, plain
-    torch), loaded from the installed file without importing `fla.ops`, whose Triton kernels
-    need `triton`. `None` if fla-core is not installed."""
+def load_fla_naive(ops_module: str) -> types.ModuleType | None:
+    """fla-core's plain-torch reference file `fla/ops/<ops_module>/naive.py` (for example
+    `delta_rule` or `gated_delta_rule`), loaded from the installed file without importing
+    `fla.ops`, whose Triton kernels need `triton`. `None` if torch or fla-core is not
+    installed."""
+    if importlib.util.find_spec("torch") is None:
+        return None
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        path = pathlib.Path(location) / "ops" / "delta_rule" / "naive.py"
+        path = pathlib.Path(location) / "ops" / ops_module / "naive.py"
         if path.is_file():
-            module_spec = importlib.util.spec_from_file_location("_fla_delta_rule_naive", path)
+            module_spec = importlib.util.spec_from_file_location(f"_fla_{ops_module}_naive", path)
             assert module_spec is not None and module_spec.loader is not None
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
-            return module.delta_rule_recurrence
+            return module
     return None
+
+
+def load_fla_naive_delta_rule() -> Callable | None:
+    """fla's own `delta_rule_recurrence` (`load_fla_naive("delta_rule")`), or `None`."""
+    module = load_fla_naive("delta_rule")
+    return None if module is None else module.delta_rule_recurrence
 
 
 # ---------------------------------------------------------------------------------------------

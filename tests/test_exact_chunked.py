@@ -9,8 +9,6 @@ and chunkwise forms (torch) when fla-core and torch are installed.
 Shapes come from a few fixed small values so that compiled scans are shared between examples.
 """
 
-import importlib.util
-import pathlib
 from typing import Any
 
 import equinox as eqx
@@ -25,6 +23,7 @@ import feature_maps as fm
 import optimizers as iopt
 from atlas_eqx import _exact_chunked
 from atlas_eqx._exact_chunked import execution_block, has_exact_form
+from experiments._bench_peers import load_fla_naive
 
 
 D_K, D_V = 3, 2
@@ -269,22 +268,13 @@ def test_float32_long_sequence_stays_close_to_sequential():
 # --------------------------------------------------------------------------------------------
 
 
-def _fla_naive(module: str):
-    """fla-core's `fla/ops/<module>/naive.py`, loaded from the installed file without
-    importing `fla.ops` (whose Triton kernels need `triton`), or skip."""
+def _fla_naive(ops_module: str):
+    """fla-core's `fla/ops/<ops_module>/naive.py` (torch), or skip."""
     pytest.importorskip("torch")
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("fla-core is not installed")
-    for location in spec.submodule_search_locations:
-        path = pathlib.Path(location) / "ops" / module / "naive.py"
-        if path.is_file():
-            module_spec = importlib.util.spec_from_file_location(f"_fla_{module}_naive", path)
-            assert module_spec is not None and module_spec.loader is not None
-            loaded = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(loaded)
-            return loaded
-    pytest.skip(f"fla-core has no ops/{module}/naive.py")
+    module = load_fla_naive(ops_module)
+    if module is None:
+        pytest.skip(f"fla-core (or its ops/{ops_module}/naive.py) is not installed")
+    return module
 
 
 def _fla_inputs(T: int, d: int, seed: int):
