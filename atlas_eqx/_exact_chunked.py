@@ -29,15 +29,22 @@ $$R = \tilde XW_0^\top - U,\qquad Y = D[\cdot + 1, 0]\odot(QW_0^\top) - PR,\qqua
 W_L = D[L, 0]\,W_0 - (c\odot R)^\top X,$$
 
 with $P[i, (m, o)] = [m \le i]\,D[i+1, m+1]\,\eta_m\gamma_{m,o}\,(q_i^\top\phi_{m-o})$ and
-$c[(m, o)] = D[L, m+1]\,\eta_m\gamma_{m,o}$. For $b = 1$ and $c = 1$ this is fla's chunkwise
-delta rule (the UT transform); for `dot`, $T = 0$ and it is chunked linear attention. The block
+$c[(m, o)] = D[L, m+1]\,\eta_m\gamma_{m,o}$. The pairs read only the $L + c - 1$ tokens
+$\Phi_E$ of the block's extended set ($X = S\Phi_E$ with a 0/1 selection $S$), so with
+$\tilde X = Z\Phi_E$ and $H = \Phi_EW_0^\top$ the loop's work does not grow with $c$:
+$H$, $Y = D[\cdot+1, 0]\odot(QW_0^\top) - (PZ)H + PU$ and
+$W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - U))^\top\Phi_E$.
+
+For $b = 1$ and $c = 1$ this is fla's chunkwise delta rule (the UT transform); for `dot`,
+$T = 0$ and it is chunked linear attention. The block
 length $L$ is a speed setting only: it is rounded up to a multiple of $b$ so that model chunks
 never straddle blocks, and every $L$ computes the same function (tested against
 `sequential_scan` in float64).
 
-`chunked_scan` sends linear memories under GD with `l2` or `dot` here; momentum, Muon, MLP
-memories and other objectives have no such closed form and keep the frozen-anchor chunk loop
-of `atlas_eqx._chunked`, where the chunk size is part of the model (as in Titans and ATLAS).
+`omega_scan(method="chunked")` sends linear memories under GD with `l2` or `dot` here
+(`has_exact_form`); momentum, Muon, MLP memories and other objectives have no such closed
+form and keep the frozen-anchor chunk loop of `atlas_eqx._chunked`, where the chunk size is
+part of the model (as in Titans and ATLAS).
 """
 
 import functools
@@ -172,6 +179,45 @@ def _block_inputs(
     )
 
 
+def exact_block_inputs(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    objective: Callable[..., Scalar],
+    window: int,
+    chunk_size: int,
+    decay_first: bool,
+    block_size: int | None,
+) -> _BlockInputs:
+    """Everything of every execution block that does not depend on the state, stacked over
+    blocks (the part the XLA loop and the Pallas kernel share)."""
+    L = execution_block(chunk_size, block_size)
+    zeros = jnp.zeros_like(lr)
+    blocks, _ = make_chunks(
+        state, features_q, features_k, v, lr, decay, zeros, gamma, window=window, chunk_size=L
+    )
+    return jax.vmap(
+        lambda *arrays: _block_inputs(
+            *arrays,
+            chunk_size=chunk_size,
+            decay_first=decay_first,
+            affine_in_prediction=objective is l2,
+        )
+    )(
+        blocks.features_e,
+        blocks.values_e,
+        blocks.step_gates,
+        blocks.features_q,
+        blocks.lr,
+        blocks.decay,
+    )
+
+
 def exact_linear_scan(
     state: OmegaState,
     features_q: Float[Array, "T d_in"],
@@ -196,25 +242,19 @@ def exact_linear_scan(
     T = v.shape[0]
     memory = state.memory
     assert isinstance(memory, LinearMemory)
-    L = execution_block(chunk_size, block_size)
-    zeros = jnp.zeros_like(lr)
-    blocks, _ = make_chunks(
-        state, features_q, features_k, v, lr, decay, zeros, gamma, window=window, chunk_size=L
-    )
-    inputs = jax.vmap(
-        lambda *arrays: _block_inputs(
-            *arrays,
-            chunk_size=chunk_size,
-            decay_first=decay_first,
-            affine_in_prediction=objective is l2,
-        )
-    )(
-        blocks.features_e,
-        blocks.values_e,
-        blocks.step_gates,
-        blocks.features_q,
-        blocks.lr,
-        blocks.decay,
+    inputs = exact_block_inputs(
+        state,
+        features_q,
+        features_k,
+        v,
+        lr,
+        decay,
+        gamma,
+        objective=objective,
+        window=window,
+        chunk_size=chunk_size,
+        decay_first=decay_first,
+        block_size=block_size,
     )
 
     def body(W, k):
@@ -225,7 +265,7 @@ def exact_linear_scan(
         W = block.end_decay * W - (block.end_tokens @ H - block.end_values).T @ block.features
         return W, y
 
-    W, y = _scan_chunk_indices(body, memory.weight, blocks.lr.shape[0], remat)
+    W, y = _scan_chunk_indices(body, memory.weight, inputs.read_decay.shape[0], remat)
     y = y.reshape(-1, v.shape[1])[:T]
     new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
     new_state = carry_window(

@@ -29,6 +29,12 @@ over chunks, a `fori_loop` carrying $W$ (and $S$), and computes per chunk:
   all $b$ queries with $W_n$, keeping row $n$: 2-D matmuls only, no dynamic slicing of values
   (which Triton cannot lower), at $b$ reads per position, small next to Newton-Schulz.
 
+- `_exact_kernel` (linear memory, plain GD, `l2` or `dot`, any window, gates, `decay_first`
+  and `chunk_size`: `exact_pallas_scan`, which `omega_scan(method="pallas")` runs for these
+  models): the block loop of the exact chunk-parallel form (`atlas_eqx._exact_chunked`), with
+  its state-independent block inputs, the triangular solve included, computed in XLA before
+  the kernel; per block $H = \Phi_EW^\top$, the reads, and the end-of-block weights.
+
 The backward pass (`jax.custom_vjp`) recomputes through the chunked XLA path: it is
 `jax.vjp(chunked_scan)` at the same arguments, so `jax.grad` gives the chunked path's gradients
 and every differentiable input (weights, momentum, window buffers, features, values, gates) gets
@@ -59,7 +65,7 @@ an in-kernel array, and needs no padding.) The padding is exact:
 
 Per-step window gates (`gamma` of shape `(T, c)`) need nothing from the kernel: they live in
 $\Gamma$. Not supported (a `ValueError` says what to use instead): `GatedMLPMemory`,
-`decay_first=True`, `muon_per_chunk=True`, opaque (`from_optax`) learners, preconditioners
+`decay_first=True` (except in the exact form), `muon_per_chunk=True`, opaque (`from_optax`) learners, preconditioners
 other than identity and Muon's Newton-Schulz, and other objectives. Every input is one VMEM
 block on TPU, so very long sequences on TPU need a chunk grid with scratch carries (not done).
 The kernels keep $W$ (and $S$) of every layer as loop values (registers on GPU, VMEM on TPU):
@@ -82,6 +88,7 @@ import optimizers as iopt
 from optimizers._inner import _newton_schulz_per_matrix
 
 from ._chunked import _Chunk, _Coefficients, _coefficients, carry_window, chunked_scan, make_chunks
+from ._exact_chunked import exact_block_inputs, exact_linear_scan
 from ._memory import LinearMemory, MLPMemory
 from ._objective import _huber, _lp, dot, l2
 from ._state import OmegaState
@@ -610,3 +617,159 @@ def pallas_scan(
 
     scan.defvjp(scan_fwd, scan_bwd)
     return scan(state, features_q, features_k, v, lr, decay, momentum, gamma)
+
+
+# --------------------------------------------------------------------------------------------
+# The exact chunk-parallel form (linear memory, GD, l2 / dot: `atlas_eqx._exact_chunked`)
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_kernel(
+    W_ref,
+    features_ref,
+    queries_ref,
+    read_decay_ref,
+    read_tokens_ref,
+    read_values_ref,
+    end_decay_ref,
+    end_tokens_ref,
+    end_values_ref,
+    y_ref,
+    W_out_ref,
+    *,
+    n_blocks: int,
+):
+    r"""The block loop of `exact_linear_scan`: per block, with $H = \Phi_EW^\top$,
+    $Y = D\odot(QW^\top) - (PZ)H + PU$ and $W \leftarrow D_LW - (E_ZH - E_U)^\top\Phi_E$."""
+
+    def block(k, W):
+        Phi = features_ref[k]
+        H = _matmul_nt(Phi, W)
+        y = read_decay_ref[k] * _matmul_nt(queries_ref[k], W) - _matmul(read_tokens_ref[k], H)
+        y_ref[k] = (y + read_values_ref[k]).astype(y_ref.dtype)
+        correction = _matmul(end_tokens_ref[k], H) - end_values_ref[k]
+        return end_decay_ref[k] * W - _matmul_tn(correction, Phi)
+
+    W = jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_blocks), block, W_ref[...])
+    W_out_ref[...] = W.astype(W_out_ref.dtype)
+
+
+def _exact_forward(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    gamma: Array,
+    *,
+    objective,
+    window: int,
+    chunk_size: int,
+    decay_first: bool,
+    block_size: int | None,
+    backend: Backend,
+) -> tuple[Float[Array, "T d_out"], OmegaState]:
+    T, d_out = v.shape
+    memory = state.memory
+    assert isinstance(memory, LinearMemory)
+    inputs = exact_block_inputs(
+        state,
+        features_q,
+        features_k,
+        v,
+        lr,
+        decay,
+        gamma,
+        objective=objective,
+        window=window,
+        chunk_size=chunk_size,
+        decay_first=decay_first,
+        block_size=block_size,
+    )
+    n_blocks, L = inputs.read_decay.shape
+    n_e = inputs.features.shape[1]
+    size = functools.partial(_padded_size, backend=backend)
+    L_p, n_e_p, d_in_p, d_out_p = size(L), size(n_e), size(memory.d_in), size(d_out)
+    dtype = memory.weight.dtype
+    data = [
+        _pad_to(inputs.features, (n_blocks, n_e_p, d_in_p)),
+        _pad_to(inputs.queries, (n_blocks, L_p, d_in_p)),
+        _pad_to(inputs.read_decay[..., None], (n_blocks, L_p, 1)),
+        _pad_to(inputs.read_tokens, (n_blocks, L_p, n_e_p)),
+        _pad_to(inputs.read_values, (n_blocks, L_p, d_out_p)),
+        inputs.end_decay[:, None, None],
+        _pad_to(inputs.end_tokens, (n_blocks, n_e_p, n_e_p)),
+        _pad_to(inputs.end_values, (n_blocks, n_e_p, d_out_p)),
+    ]
+    W_p = _pad_matrix(memory.weight, backend)
+    out_shape = [
+        jax.ShapeDtypeStruct((n_blocks, L_p, d_out_p), dtype),
+        jax.ShapeDtypeStruct(W_p.shape, dtype),
+    ]
+    call = pl.pallas_call(
+        functools.partial(_exact_kernel, n_blocks=n_blocks),
+        out_shape=out_shape,
+        name="omega_exact_linear",
+        **_call_options(backend),
+    )
+    y, W = call(W_p, *[x.astype(dtype) for x in data])
+    y = y[:, :L, :d_out].reshape(n_blocks * L, d_out)[:T]
+    new_memory = eqx.tree_at(lambda m: m.weight, memory, W[: memory.d_out, : memory.d_in])
+    new_state = carry_window(
+        state,
+        features_k,
+        v,
+        gamma,
+        window=window,
+        memory=new_memory,
+        optimizer_state=state.optimizer_state,
+    )
+    return y, new_state
+
+
+def exact_pallas_scan(
+    state: OmegaState,
+    features_q: Float[Array, "T d_in"],
+    features_k: Float[Array, "T d_in"],
+    v: Float[Array, "T d_out"],
+    lr: Float[Array, " T"],
+    decay: Float[Array, " T"],
+    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    *,
+    objective: Callable[..., Scalar],
+    window: int,
+    chunk_size: int,
+    decay_first: bool = False,
+    block_size: int | None = None,
+    backend: Backend | None = None,
+) -> tuple[Float[Array, "T d_out"], OmegaState]:
+    r"""`exact_linear_scan` with its block loop in a Pallas kernel (same arguments, same
+    results): a linear memory under GD with `l2` or `dot`, any window, gates, `decay_first`
+    and `chunk_size`. The state-independent block inputs (the triangular solve included) are
+    computed in XLA before the kernel; the kernel carries $W$ through the blocks. The
+    gradient is `jax.vjp(exact_linear_scan)` at the same arguments (a `jax.custom_vjp`).
+    """
+    backend = resolve_backend(backend)
+    options = dict(
+        objective=objective,
+        window=window,
+        chunk_size=chunk_size,
+        decay_first=decay_first,
+        block_size=block_size,
+    )
+    forward = functools.partial(_exact_forward, **options, backend=backend)
+
+    @jax.custom_vjp
+    def scan(*arrays):
+        return forward(*arrays)
+
+    def scan_fwd(*arrays):
+        return forward(*arrays), arrays
+
+    def scan_bwd(arrays, cotangents):
+        _, vjp = jax.vjp(functools.partial(exact_linear_scan, **options), *arrays)
+        return vjp(cotangents)
+
+    scan.defvjp(scan_fwd, scan_bwd)
+    return scan(state, features_q, features_k, v, lr, decay, gamma)

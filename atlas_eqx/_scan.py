@@ -15,7 +15,12 @@ from ._chunked import chunked_scan
 from ._exact_chunked import exact_linear_scan, has_exact_form
 from ._memory import AbstractMemory
 from ._objective import l2
-from ._pallas import check_supported as check_pallas_supported, pallas_scan, resolve_backend
+from ._pallas import (
+    check_supported as check_pallas_supported,
+    exact_pallas_scan,
+    pallas_scan,
+    resolve_backend,
+)
 from ._sequential import sequential_scan
 from ._state import init_omega_state, OmegaState
 
@@ -76,7 +81,8 @@ def omega_scan(
       `chunk_size` is part of the model (the paper's mini-batch $b$; 1 is the token-by-token
       rule), never a speed setting: every `method` and `block_size` computes the same function.
     - `method`: `"sequential"` (the oracle), `"chunked"` or `"pallas"` (the chunk loop as a
-      Pallas kernel for `LinearMemory` and `MLPMemory` with GD, momentum or Muon; interpret
+      Pallas kernel for `LinearMemory` and `MLPMemory` with GD, momentum or Muon, and the
+      block loop of the exact form, `decay_first` included, for a linear memory under GD; interpret
       mode on CPU, Triton on GPU, Mosaic on TPU; gradients through the chunked path; see
       `atlas_eqx._pallas`).
     - `block_size`: how many steps `method="chunked"` processes together where an exact
@@ -154,7 +160,8 @@ def omega_scan(
             f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "
             f"it runs only with method='sequential', not method={method!r}"
         )
-    if method == "pallas":
+    exact = has_exact_form(memory if state is None else state.memory, optimizer, objective)
+    if method == "pallas" and not exact:
         check_pallas_supported(
             memory if state is None else state.memory,
             optimizer,
@@ -190,17 +197,19 @@ def omega_scan(
     )
     if method == "sequential":
         return sequential_scan(*arrays, **options)
-    if method == "pallas":
-        return _pallas_scan_jit(*arrays, **options)
-    if has_exact_form(state.memory, optimizer, objective):
+    if exact and method != "sequential":
         del options["optimizer"]
         arrays = (state, features_q, features_k, v, lr, decay, gamma)
-        return _exact_linear_scan_jit(*arrays, **options, block_size=block_size)
+        scan = _exact_pallas_scan_jit if method == "pallas" else _exact_linear_scan_jit
+        return scan(*arrays, **options, block_size=block_size)
+    if method == "pallas":
+        return _pallas_scan_jit(*arrays, **options)
     return _chunked_scan_jit(*arrays, **options, muon_per_chunk=muon_per_chunk)
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)
 _exact_linear_scan_jit = eqx.filter_jit(exact_linear_scan)
+_exact_pallas_scan_jit = eqx.filter_jit(exact_pallas_scan)
 _pallas_scan_jit = eqx.filter_jit(pallas_scan)
 
 

@@ -123,6 +123,37 @@ def test_exact_chunked_equals_sequential_for_every_block(model, block_size, T, e
 
 
 @FEW
+@given(model=models(), block_size=st.sampled_from([2, 4]), seed=SEEDS)
+def test_pallas_kernel_equals_sequential_with_gradients(model, block_size, seed):
+    """`method="pallas"` runs the same block loop as a Pallas kernel (interpret mode on CPU):
+    y, the final state and the gradient with respect to v equal the sequential oracle."""
+    memory = _memory(PHIS[model["phi"]], seed)
+    arrays = tuple(
+        None if a is None else jnp.asarray(a)
+        for a in _inputs(seed, 9, model["window"], model["gate_kind"])
+    )
+    y_seq, state_seq = _scan(memory, arrays, method="sequential", **_options(model))
+    y, state = _scan(memory, arrays, method="pallas", block_size=block_size, **_options(model))
+    _close(y, y_seq)
+    _close(state, state_seq)
+
+    def grad_v(method, block):
+        def loss(v):
+            y, _ = _scan(
+                memory,
+                (*arrays[:2], v, *arrays[3:]),
+                method=method,
+                block_size=block,
+                **_options(model),
+            )
+            return jnp.sum(jnp.sin(y))
+
+        return jax.grad(loss)(arrays[2])
+
+    _close(grad_v("pallas", block_size), grad_v("sequential", None), rel=1e-9)
+
+
+@FEW
 @given(model=models(), block_size=st.sampled_from([2, 4]), seed=SEEDS, data=st.data())
 def test_state_carried_across_calls(model, block_size, seed, data):
     """Two exact chunked calls split at a chunk boundary, with the carried state (W and the
@@ -216,8 +247,10 @@ def test_dispatch_and_execution_block():
     assert execution_block(4, 8) == 8
 
 
-def test_chunked_method_runs_the_exact_form(monkeypatch):
-    """`omega_scan(method="chunked")` sends a linear GD memory with l2 to the exact form."""
+@pytest.mark.parametrize("method", ["chunked", "pallas"])
+def test_fast_methods_run_the_exact_form(monkeypatch, method):
+    """`omega_scan(method="chunked")` and `"pallas"` send a linear GD memory with l2 to the
+    exact form."""
     calls = []
     original = _exact_chunked._block_inputs
 
@@ -228,7 +261,7 @@ def test_chunked_method_runs_the_exact_form(monkeypatch):
     monkeypatch.setattr(_exact_chunked, "_block_inputs", spy)
     memory = _memory(fm.Identity(), 0)
     arrays = _inputs(0, 5, 1, "none")
-    jax.eval_shape(lambda: _scan(memory, arrays, method="chunked", block_size=2))
+    jax.eval_shape(lambda: _scan(memory, arrays, method=method, block_size=2))
     assert calls == [1]
 
 

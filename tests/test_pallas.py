@@ -27,7 +27,7 @@ import atlas_eqx as ae
 import feature_maps as fm
 import optimizers as iopt
 from atlas_eqx import _pallas
-from atlas_eqx._pallas import pallas_scan, resolve_backend
+from atlas_eqx._pallas import exact_pallas_scan, pallas_scan, resolve_backend
 
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -116,7 +116,7 @@ def test_forward_equals_chunked_and_sequential(config, seed):
 @pytest.mark.parametrize(
     ("kind", "opt", "kernel"),
     [
-        ("linear", "gd", "omega_dual_linear"),
+        ("linear", "gd", "omega_exact_linear"),
         ("linear", "momentum", "omega_dual_linear"),
         ("mlp", "gd", "omega_dual_mlp"),
         ("mlp", "momentum", "omega_dual_mlp"),
@@ -568,3 +568,45 @@ def test_tpu_lowering_check_catches_unsupported_operations(monkeypatch):
     )
     with pytest.raises(NotImplementedError, match="cumsum"):
         _lower("tpu", "linear", "gd", T=64, d=64, b=16, window=1)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize(
+    ("window", "decay_first", "d", "heads"), [(1, True, 64, None), (3, False, 48, 4)]
+)
+def test_exact_kernel_lowers_for_gpu_and_tpu(platform, window, decay_first, d, heads):
+    """The exact form's block-loop kernel (linear memory, GD: `exact_pallas_scan`) lowers for
+    Triton and Mosaic TPU with its XLA block inputs (the triangular solve) in front: Gated
+    DeltaNet's order at d 64, and a window of 3 at d 48 (padded to 64) vmapped over 4 heads."""
+    memory = ae.LinearMemory(d, d, key=jax.random.PRNGKey(0))
+    memory = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a, memory)
+    state = ae.init_omega_state(memory, iopt.gd(), window)
+    T = 256
+    shape = (T,) if heads is None else (heads, T)
+    f32 = jnp.float32
+    arrays = [jax.ShapeDtypeStruct(shape + (d,), f32) for _ in range(3)]
+    arrays += [jax.ShapeDtypeStruct(shape, f32) for _ in range(3)]
+
+    def scan(state, q, k, v, lr, decay, gamma):
+        y, _ = exact_pallas_scan(
+            state,
+            q,
+            k,
+            v,
+            lr,
+            decay,
+            gamma,
+            objective=ae.l2,
+            window=window,
+            chunk_size=1,
+            decay_first=decay_first,
+            block_size=32,
+            backend=_BACKEND[platform],
+        )
+        return y
+
+    if heads is not None:
+        scan = jax.vmap(scan, in_axes=(None,) + (0,) * 6)
+    with _lowering_context(platform):
+        lowered = jax.jit(scan).trace(state, *arrays).lower(lowering_platforms=(platform,))
+    assert _MARKER[platform] in lowered.as_text()
