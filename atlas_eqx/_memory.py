@@ -275,13 +275,17 @@ def gauss_newton_curvature(
     return jnp.sum(jnp.stack([jnp.sum(a * a) for a in jax.tree.leaves(g)]))
 
 
+@eqx.filter_jit
 def sampled_curvature(memory: AbstractMemory, n_probes: int = 16) -> Float[Array, ""]:
     r"""$\hat\kappa_{\mathcal M}$: the largest `gauss_newton_curvature` over `n_probes` fixed
     random unit inputs (drawn from `jax.random.key(0)`, the same for every call), outside the
     outer gradient: how strongly one GD step writes, relative to a linear memory's (1 there),
     in the stiffest of a set of typical directions. For the default residual MLP memory at
     initialisation it is about 3.4 (mean over inputs 2.0), well below the worst case over all
-    unit inputs, `AbstractMemory.curvature_bound` (about 12)."""
+    unit inputs, `AbstractMemory.curvature_bound` (about 12).
+
+    Compiled as one program (`eqx.filter_jit`): called outside `jit` (as the probe and a
+    streaming layer do) it would otherwise run as dozens of small eagerly compiled programs."""
     memory = jax.lax.stop_gradient(memory)
     dtype = jax.tree.leaves(eqx.filter(memory, eqx.is_inexact_array))[0].dtype
     probes = jax.random.normal(jax.random.key(0), (n_probes, memory.d_in), dtype)
