@@ -15,6 +15,10 @@ from ._hybrid import (
     MAGLayer as MAGLayer,
     MALLayer as MALLayer,
 )
+from ._import_path import (
+    is_import_path as is_import_path,
+    resolve_import_path as resolve_import_path,
+)
 from ._kernel import (
     init_kernel_memory_state as init_kernel_memory_state,
     kernel_memory_scan as kernel_memory_scan,
@@ -22,10 +26,12 @@ from ._kernel import (
     KernelMemoryState as KernelMemoryState,
 )
 from ._layer import (
+    MemoryFactory as MemoryFactory,
     MemoryInputs as MemoryInputs,
     MemoryLayer as MemoryLayer,
     MemoryLayerConfig as MemoryLayerConfig,
     MemoryLayerState as MemoryLayerState,
+    Objective as Objective,
 )
 from ._memory import (
     AbstractMemory as AbstractMemory,
@@ -35,6 +41,7 @@ from ._memory import (
     MLPMemory as MLPMemory,
     sampled_curvature as sampled_curvature,
 )
+from ._mixer import AbstractMixer as AbstractMixer
 from ._model import (
     Block as Block,
     LanguageModel as LanguageModel,

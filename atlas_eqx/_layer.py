@@ -13,20 +13,24 @@ $$y^{(h)} = \texttt{omega\_scan}(\mathcal M^{(h)}_0, \hat q, \hat k, v, \eta, \a
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 
 import feature_maps as fm
 import optimizers as iopt
 
+from ._import_path import is_import_path, resolve_import_path
 from ._kernel import init_kernel_memory_state, kernel_memory_scan, kernel_memory_stream
 from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, MLPMemory, sampled_curvature
 from ._mixer import AbstractMixer
-from ._objective import dot, l2
+from ._objective import dot, huber, l2, lp
 from ._scan import omega_scan
 from ._state import init_omega_state
 
@@ -35,12 +39,18 @@ _MEMORIES = ("linear", "mlp", "gated_mlp", "kernel")
 _ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh}
 _FEATURE_MAPS = ("identity", "polynomial", "elementwise", "taylor")
 _FEATURE_FORMS = ("monomial", "tensor")
-_OBJECTIVES = {"l2": l2, "dot": dot}
+_OBJECTIVES = {"l2": l2, "dot": dot, "huber": huber(), "lp": lp()}
 _OPTIMIZERS = ("gd", "momentum", "muon")
 _METHODS = ("sequential", "chunked")
 _GAMMA_MODES = ("none", "token", "offset")
 _OUTPUT_GATES = ("silu", "sigmoid", "none")
 _LR_NORMALIZATIONS = ("sampled_curvature", "curvature", "none")
+
+MemoryFactory = Callable[..., AbstractMemory]
+"""A researcher's memory: `factory(d_in, d_out, *, key) -> AbstractMemory` (a subclass whose
+`__init__` has this signature is one)."""
+Objective = Callable[[Array, Array], Scalar]
+"""An attentional bias: `objective(prediction, target) -> scalar`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +60,13 @@ class MemoryLayerConfig:
     Frozen and hashable: it is a static field of the layer, so two layers with equal configs
     share compiled code.
 
+    **A researcher's own parts.** `memory`, `feature_map`, `objective` and `optimizer` take a
+    built-in name, an object, or an import path `"package.module:attribute"` naming the object
+    (how config files and the command line name them; the config stays JSON-serialisable).
+    An object equal to a built-in default computes exactly what the name does. Objects are
+    compared and hashed by value where they are pytrees of arrays (a feature map's
+    coefficients) and by identity where they are functions.
+
     **Shape**
 
     - `d_model`: the layer's input and output width.
@@ -58,8 +75,12 @@ class MemoryLayerConfig:
 
     **Memory** (A-4, A-6, A-22, A-32)
 
-    - `memory`: `"linear"` ($Wx$), `"mlp"` (ATLAS Eq 42), `"gated_mlp"` (Atlas++, Eq 43), or
-      `"kernel"` (the non-parametric exp-kernel memory of DeepTransformers / Dot, §5.3).
+    - `memory`: `"linear"` ($Wx$), `"mlp"` (ATLAS Eq 42), `"gated_mlp"` (Atlas++, Eq 43),
+      `"kernel"` (the non-parametric exp-kernel memory of DeepTransformers / Dot, §5.3), or a
+      factory `(d_in, d_out, *, key) -> AbstractMemory` (`MemoryFactory`; an `AbstractMemory`
+      subclass with that `__init__` is one). `memory_depth`, `memory_expansion`,
+      `memory_residual`, `memory_activation` and `memory_init_std` configure the built-in
+      memories only.
     - `memory_depth`: number of weight matrices of the `"mlp"` memory (Eq 42: 2).
     - `memory_expansion`: hidden width $= $ `memory_expansion` $\cdot d_v$ (A-6: $4d_v$).
     - `memory_residual`: `"auto"` (on iff $\dim\phi = d_v$), `True` or `False` (A-4). The
@@ -75,16 +96,29 @@ class MemoryLayerConfig:
 
     - `feature_map`: `"identity"`, `"polynomial"` (exact, `feature_maps.Polynomial`),
       `"elementwise"` (`feature_maps.Elementwise`, keeps $d_k$), `"taylor"`
-      (`feature_maps.TaylorExp`, fixed $1/i!$).
+      (`feature_maps.TaylorExp`, fixed $1/i!$), or an `AbstractFeatureMap` instance (its
+      array fields become one learnable copy per head; `feature_degree`, `feature_form`,
+      `feature_include_constant` and `learn_feature_coefficients` configure the built-in
+      maps only). An import path may also name a callable that returns an instance.
     - `feature_degree`: $p$ (A-2: 2). `feature_form`: `"monomial"` or `"tensor"`.
     - `feature_include_constant`: include $a_0$ (A-3: yes).
     - `learn_feature_coefficients`: the $a_i$ are learnable, one set per head (A-3).
 
     **Inner loop** (A-1, A-11, A-12, A-13, A-19, A-30)
 
-    - `objective`: `"l2"` ($\tfrac12\|\cdot\|^2$, A-20) or `"dot"` (Hebbian $-\langle\cdot\rangle$).
-      For `memory="kernel"` it picks the rule: `"dot"` is Hebbian, `"l2"` the delta rule.
-    - `optimizer`: `"gd"`, `"momentum"` ($S_t = \theta_tS_{t-1} + g_t$) or `"muon"`.
+    - `objective`: `"l2"` ($\tfrac12\|\cdot\|^2$, A-20), `"dot"` (Hebbian $-\langle\cdot\rangle$),
+      `"huber"` (`huber()`, Yaad), `"lp"` (`lp()`, Moneta), or any callable
+      `(prediction, target) -> scalar` (`Objective`), e.g. `huber(0.5)`. For
+      `memory="kernel"` it picks the rule: `"dot"` is Hebbian, `"l2"` the delta rule.
+    - `optimizer`: `"gd"`, `"momentum"` ($S_t = \theta_tS_{t-1} + g_t$), `"muon"`, or an
+      `optimizers.InnerOptimizer` (for example `optimizers.from_optax(optax.adam(1e-2))`; a
+      bare optax transformation is an error that says to wrap it). An import path may also
+      name a callable that returns one. `from_optax` learners other than `optax.sgd` and
+      `optax.trace` need `method="sequential"` (see `optimizers.from_optax`). An object learner reads
+      $\theta_t$ when its `uses_momentum` is set; its $\eta_t$ is divided by the curvature
+      (`lr_normalization`) and scaled by $1-\theta_t$ (`lr_momentum_scaling`) only when its
+      step is proportional to the momentum (`precondition` is `optimizers.no_precondition`),
+      as for the built-in GD and momentum.
     - `ns_steps`: Newton-Schulz steps of Muon (5). `eta_inside_ns`: App. D.4 placement (A-1).
     - `muon_per_chunk`: NS once per chunk, an approximation for speed (A-13 (i)). The whole
       chunk's step $\sum_m\eta_m$ then rides on one NS, whose Jacobian is ~$a^5/\|S\|_F$ along
@@ -161,20 +195,20 @@ class MemoryLayerConfig:
     d_model: int
     n_heads: int
     head_dim: int | None = None
-    memory: str = "mlp"
+    memory: str | MemoryFactory = "mlp"
     memory_depth: int = 2
     memory_expansion: int = 4
     memory_residual: bool | str = "auto"
     memory_activation: str = "gelu"
     memory_init_std: float | None = None
     learn_initial_memory: bool = True
-    feature_map: str = "polynomial"
+    feature_map: str | fm.AbstractFeatureMap = "polynomial"
     feature_degree: int = 2
     feature_form: str = "monomial"
     feature_include_constant: bool = True
     learn_feature_coefficients: bool = True
-    objective: str = "l2"
-    optimizer: str = "muon"
+    objective: str | Objective = "l2"
+    optimizer: str | iopt.InnerOptimizer | optax.GradientTransformation = "muon"
     ns_steps: int = 5
     eta_inside_ns: bool = False
     muon_per_chunk: bool = False
@@ -216,7 +250,7 @@ class MemoryLayerConfig:
                 )
         else:
             _check_int("head_dim", self.head_dim, 1)
-        _check_choice("memory", self.memory, _MEMORIES)
+        object.__setattr__(self, "_parts", _resolve_parts(self))
         _check_int("memory_depth", self.memory_depth, 1)
         _check_int("memory_expansion", self.memory_expansion, 1)
         if self.memory_residual not in (True, False, "auto"):
@@ -230,16 +264,13 @@ class MemoryLayerConfig:
                 f"MemoryLayerConfig: `memory_init_std` must be >= 0 or None; got "
                 f"{self.memory_init_std!r}"
             )
-        if self.memory_init_std == 0.0 and self.memory in ("mlp", "gated_mlp"):
+        if self.memory_init_std == 0.0 and _named(self.memory) in ("mlp", "gated_mlp"):
             raise ValueError(
                 "MemoryLayerConfig: `memory_init_std=0.0` (W_0 = 0) is only allowed for "
                 "memory='linear'; an MLP memory at zero has zero gradients and never learns"
             )
-        _check_choice("feature_map", self.feature_map, _FEATURE_MAPS)
         _check_int("feature_degree", self.feature_degree, 1)
         _check_choice("feature_form", self.feature_form, _FEATURE_FORMS)
-        _check_choice("objective", self.objective, tuple(_OBJECTIVES))
-        _check_choice("optimizer", self.optimizer, _OPTIMIZERS)
         _check_int("ns_steps", self.ns_steps, 0)
         _check_int("window", self.window, 1)
         _check_int("chunk_size", self.chunk_size, 1)
@@ -277,10 +308,10 @@ class MemoryLayerConfig:
             raise ValueError(
                 f"MemoryLayerConfig: `kernel_scale` must be > 0 or None; got {self.kernel_scale!r}"
             )
-        if self.muon_per_chunk and (self.optimizer != "muon" or self.method != "chunked"):
+        if self.muon_per_chunk and (not self.preconditioned or self.method != "chunked"):
             raise ValueError(
-                "MemoryLayerConfig: `muon_per_chunk=True` needs optimizer='muon' and "
-                "method='chunked'"
+                "MemoryLayerConfig: `muon_per_chunk=True` needs a preconditioned momentum "
+                "learner (optimizer='muon') and method='chunked'"
             )
         if self.muon_per_chunk and self.decay_first:
             raise ValueError(
@@ -289,13 +320,18 @@ class MemoryLayerConfig:
         if self.eta_inside_ns and self.optimizer != "muon":
             raise ValueError("MemoryLayerConfig: `eta_inside_ns=True` needs optimizer='muon'")
         if self.memory == "kernel":
+            if not (isinstance(self.objective, str) and self.objective in ("dot", "l2")):
+                raise ValueError(
+                    "MemoryLayerConfig: memory='kernel' has two rules, objective='dot' "
+                    f"(Hebbian) and objective='l2' (delta); got {self.objective!r}"
+                )
             if self.feature_map != "identity":
                 raise ValueError(
                     "MemoryLayerConfig: memory='kernel' computes the exponential feature map "
                     "by the kernel trick; set feature_map='identity' (got "
                     f"{self.feature_map!r})"
                 )
-            if self.optimizer != "gd":
+            if _named(self.optimizer) != "gd":
                 raise ValueError(
                     "MemoryLayerConfig: memory='kernel' is written by plain GD (DeepTransformer, "
                     f"Dot); set optimizer='gd' (got {self.optimizer!r})"
@@ -325,9 +361,46 @@ class MemoryLayerConfig:
         """`n_heads * d_head`: the width of the q, k, v projections."""
         return self.n_heads * self.d_head
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MemoryLayerConfig):
+            return NotImplemented
+        return self._value_key() == other._value_key()
+
+    def __hash__(self) -> int:
+        return hash(self._value_key())
+
+    def _value_key(self) -> tuple:
+        key = self.__dict__.get("_key")
+        if key is None:
+            key = tuple(
+                (field.name, _value_key(getattr(self, field.name)))
+                for field in dataclasses.fields(self)
+            )
+            object.__setattr__(self, "_key", key)
+        return key
+
     @property
     def uses_momentum(self) -> bool:
-        return self.optimizer in ("momentum", "muon")
+        """Whether the inner learner reads $\\theta_t$."""
+        return self.inner_optimizer().uses_momentum
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the learner's step is a preconditioned direction (Muon) rather than
+        proportional to the momentum: then $\\eta_t$ is never curvature-normalised."""
+        precondition = self.inner_optimizer().precondition
+        return precondition is not None and precondition is not iopt.no_precondition
+
+    @property
+    def step_follows_gradient(self) -> bool:
+        """Whether the step is $\\eta_tS_t$ (built-in GD and momentum, or any learner whose
+        `precondition` is `optimizers.no_precondition`): the learners `lr_normalization` and
+        `lr_momentum_scaling` apply to."""
+        return self.inner_optimizer().precondition is iopt.no_precondition
+
+    def objective_function(self) -> Objective:
+        """The attentional bias named by `objective`."""
+        return self.__dict__["_parts"]["objective"]
 
     def decay_inits(self) -> tuple[float, ...]:
         """$\\alpha$ at initialisation for each head (see `decay_init`)."""
@@ -346,10 +419,15 @@ class MemoryLayerConfig:
             return iopt.gd()
         if self.optimizer == "momentum":
             return iopt.momentum()
-        return iopt.muon(ns_steps=self.ns_steps, eta_inside_ns=self.eta_inside_ns)
+        if self.optimizer == "muon":
+            return iopt.muon(ns_steps=self.ns_steps, eta_inside_ns=self.eta_inside_ns)
+        return self.__dict__["_parts"]["optimizer"]
 
     def make_feature_map(self) -> fm.AbstractFeatureMap:
         """One head's $\\phi$ at its initial coefficients."""
+        feature_map = self.__dict__["_parts"]["feature_map"]
+        if feature_map is not None:
+            return feature_map
         if self.feature_map == "identity":
             return fm.Identity()
         if self.feature_map == "polynomial":
@@ -373,6 +451,21 @@ class MemoryLayerConfig:
         d_v = self.d_head
         hidden = self.memory_expansion * d_v
         activation = _ACTIVATIONS[self.memory_activation]
+        factory = self.__dict__["_parts"]["memory"]
+        if factory is not None:
+            memory = factory(d_in, d_v, key=key)
+            if not isinstance(memory, AbstractMemory):
+                raise TypeError(
+                    f"MemoryLayerConfig: the `memory` factory {_describe(self.memory)} must "
+                    f"return an AbstractMemory; got {type(memory).__name__}"
+                )
+            if (memory.d_in, memory.d_out) != (d_in, d_v):
+                raise ValueError(
+                    f"MemoryLayerConfig: the `memory` factory {_describe(self.memory)} was "
+                    f"called with (d_in={d_in}, d_out={d_v}) and returned a memory with "
+                    f"d_in={memory.d_in}, d_out={memory.d_out}"
+                )
+            return memory
         if self.memory == "linear":
             return LinearMemory(d_in, d_v, key=key, init_std=self.memory_init_std)
         if self.memory == "mlp":
@@ -397,6 +490,102 @@ class MemoryLayerConfig:
                 init_std=self.memory_init_std,
             )
         raise ValueError("MemoryLayerConfig.make_memory: memory='kernel' has no weights")
+
+
+def _named(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    return getattr(value, "__qualname__", None) or type(value).__name__
+
+
+def _load(name: str, value: Any) -> Any:
+    if isinstance(value, str) and is_import_path(value):
+        return resolve_import_path(value, f"MemoryLayerConfig.{name}")
+    return value
+
+
+def _resolve_parts(config: "MemoryLayerConfig") -> dict[str, Any]:
+    """The objects behind `memory`, `feature_map`, `objective` and `optimizer` (`None` for a
+    built-in name built on demand), resolving import paths and checking every kind."""
+    memory = _load("memory", config.memory)
+    if isinstance(memory, str):
+        _check_choice("memory", memory, _MEMORIES)
+        memory = None
+    elif not callable(memory):
+        raise ValueError(
+            f"MemoryLayerConfig: `memory` must be one of {_MEMORIES}, an import path, or a "
+            f"factory (d_in, d_out, *, key) -> AbstractMemory; got {config.memory!r}"
+        )
+
+    feature_map = _load("feature_map", config.feature_map)
+    if isinstance(feature_map, str):
+        _check_choice("feature_map", feature_map, _FEATURE_MAPS)
+        feature_map = None
+    elif not isinstance(feature_map, fm.AbstractFeatureMap):
+        if isinstance(config.feature_map, str) and callable(feature_map):
+            feature_map = feature_map()
+        if not isinstance(feature_map, fm.AbstractFeatureMap):
+            raise ValueError(
+                f"MemoryLayerConfig: `feature_map` must be one of {_FEATURE_MAPS}, an "
+                f"import path, or a feature_maps.AbstractFeatureMap instance; got "
+                f"{config.feature_map!r}"
+            )
+
+    objective = _load("objective", config.objective)
+    if isinstance(objective, str):
+        _check_choice("objective", objective, tuple(_OBJECTIVES))
+        objective = _OBJECTIVES[objective]
+    elif not callable(objective):
+        raise ValueError(
+            f"MemoryLayerConfig: `objective` must be one of {tuple(_OBJECTIVES)}, an import "
+            f"path, or a callable (prediction, target) -> scalar; got {config.objective!r}"
+        )
+
+    optimizer = _load("optimizer", config.optimizer)
+    if isinstance(optimizer, str):
+        _check_choice("optimizer", optimizer, _OPTIMIZERS)
+        optimizer = None
+    else:
+        if isinstance(config.optimizer, str) and callable(optimizer):
+            optimizer = optimizer()
+        if isinstance(optimizer, optax.GradientTransformation):
+            raise ValueError(
+                "MemoryLayerConfig: `optimizer` is an optax.GradientTransformation; wrap it "
+                "as the inner learner with `optimizers.from_optax(...)`"
+            )
+        if not isinstance(optimizer, iopt.InnerOptimizer):
+            raise ValueError(
+                f"MemoryLayerConfig: `optimizer` must be one of {_OPTIMIZERS}, an import "
+                f"path, or an optimizers.InnerOptimizer; got {config.optimizer!r}"
+            )
+    return dict(memory=memory, feature_map=feature_map, objective=objective, optimizer=optimizer)
+
+
+def _value_key(value: Any) -> Any:
+    """A hashable stand-in for a config value: itself when hashable, else its tree structure
+    with every array leaf replaced by its shape, dtype and bytes."""
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        pass
+    leaves, treedef = jax.tree.flatten(value)
+    keys = []
+    for leaf in leaves:
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            try:
+                array = np.asarray(leaf)
+            except jax.errors.TracerArrayConversionError:
+                keys.append(("traced", id(leaf)))
+                continue
+            keys.append(("array", array.shape, str(array.dtype), array.tobytes()))
+        else:
+            keys.append(leaf)
+    return (treedef, tuple(keys))
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -639,7 +828,7 @@ class MemoryLayer(AbstractMixer):
         $\sigma_t = 1$ it is the largest step the layer can take."""
         c = self.config
         lr = c.lr_max * lr_gate / self.curvature_normalizer().astype(lr_gate.dtype)[:, None]
-        if c.optimizer == "momentum" and c.lr_momentum_scaling:
+        if c.uses_momentum and c.step_follows_gradient and c.lr_momentum_scaling:
             if momentum is None:
                 raise ValueError("MemoryLayer.inner_step_size: momentum learners need `momentum`")
             lr = lr * (1 - momentum)
@@ -651,7 +840,7 @@ class MemoryLayer(AbstractMixer):
         momentum learners on parametric memories, else 1."""
         c = self.config
         ones = jnp.ones((c.n_heads,), self.q_proj.dtype)
-        if c.lr_normalization == "none" or c.optimizer == "muon" or self.memory is None:
+        if c.lr_normalization == "none" or not c.step_follows_gradient or self.memory is None:
             return ones
         if isinstance(self.memory, LinearMemory):
             return ones  # both curvatures are exactly ||x||^2 = 1
@@ -729,7 +918,7 @@ class MemoryLayer(AbstractMixer):
         if state is None:
             state = self.initial_memory_state()
         optimizer = c.inner_optimizer()
-        objective = _OBJECTIVES[c.objective]
+        objective = c.objective_function()
 
         def head(feature_map, q, k, v, lr, decay, momentum, gamma, head_state):
             return omega_scan(

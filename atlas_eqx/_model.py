@@ -8,7 +8,7 @@ a final RMSNorm and a head tied to the embedding or separate. No biases anywhere
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.core import Tracer
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Real
 
+from ._import_path import is_import_path, resolve_import_path
 from ._mixer import AbstractMixer
 
 
@@ -145,11 +146,20 @@ def preset_names() -> tuple[str, ...]:
 def _resolve_mixer(mixer: str | MixerFactory) -> MixerFactory:
     if callable(mixer):
         return mixer
+    if is_import_path(mixer):
+        factory = resolve_import_path(mixer, "LanguageModel.mixer")
+        if not callable(factory):
+            raise ValueError(
+                f"LanguageModel: `mixer`={mixer!r} names a {type(factory).__name__}, not a "
+                "factory (d_model, n_heads, *, key, **options) -> AbstractMixer"
+            )
+        return cast(MixerFactory, factory)
     names = preset_names()
     if not isinstance(mixer, str) or mixer not in names:
         raise ValueError(
             f"LanguageModel: unknown `mixer` {mixer!r}; expected a callable "
-            f"(d_model, n_heads, *, key, **options) -> AbstractMixer or one of the presets: "
+            f"(d_model, n_heads, *, key, **options) -> AbstractMixer, an import path "
+            f"'package.module:factory', or one of the presets: "
             f"{', '.join(names) if names else '(atlas_eqx.presets is not available)'}"
         )
     from . import presets
@@ -206,10 +216,13 @@ class LanguageModel(eqx.Module):
         - `vocab_size`: $V$. `d_model`: $d$. `n_layers`: the number of blocks $L$.
         - `n_heads`: passed to the mixer factory.
         - `key`: a JAX PRNG key.
-        - `mixer`: a preset name of `atlas_eqx.presets` (its `__all__` lists them) or any
-          factory `(d_model, n_heads, *, key, **options) -> AbstractMixer`. Every block gets a
-          mixer built by it with its own key.
-        - `mixer_options`: keyword arguments for the factory (e.g. `chunk_size`, `window`).
+        - `mixer`: a preset name of `atlas_eqx.presets` (its `__all__` lists them), any
+          factory `(d_model, n_heads, *, key, **options) -> AbstractMixer`, or an import path
+          `"package.module:factory"` naming one. Every block gets a mixer built by it with its
+          own key.
+        - `mixer_options`: keyword arguments for the factory (e.g. `chunk_size`, `window`;
+          for the memory presets any `MemoryLayerConfig` field, including a researcher's own
+          `memory`, `feature_map`, `objective` and `optimizer`, as objects or import paths).
         - `mlp_hidden`: the SwiGLU width; `None` means `default_mlp_hidden(d_model,
           mlp_multiple_of)`, i.e. $8d/3$ rounded up to a multiple of `mlp_multiple_of`.
         - `tie_embeddings`: share the embedding matrix with the output head.

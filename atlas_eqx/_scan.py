@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from beartype import beartype
 from jaxtyping import Array, Float, jaxtyped, Scalar
 
@@ -43,7 +44,7 @@ def omega_scan(
     *,
     feature_map: fm.AbstractFeatureMap = fm.Identity(),
     objective: Callable[..., Scalar] = l2,
-    optimizer: iopt.InnerOptimizer = iopt.gd(),
+    optimizer: iopt.InnerOptimizer | optax.GradientTransformation = iopt.gd(),
     window: int = 1,
     chunk_size: int = 1,
     method: Method = "sequential",
@@ -75,7 +76,9 @@ def omega_scan(
     - `feature_map`: $\phi$, applied to keys and queries; `feature_map.out_dim(d_k)` must equal
       `memory.d_in`.
     - `objective`: the attentional bias, `objective(prediction, target) -> scalar`.
-    - `optimizer`: the inner learner (`optimizers.gd()`, `momentum()`, `muon()`, ...).
+    - `optimizer`: the inner learner (`optimizers.gd()`, `momentum()`, `muon()`, ...). An
+      optax transformation runs as the inner learner once wrapped by
+      `optimizers.from_optax(...)`; passed bare it is an error that says so.
     - `window`: $c \geq 1$. `chunk_size`: $b \geq 1$; within a chunk every gradient is taken at
       the chunk-start weights, and window tokens from the previous chunk are re-evaluated there.
       `chunk_size` is part of the model (the paper's mini-batch $b$; 1 is the token-by-token
@@ -111,6 +114,12 @@ def omega_scan(
     """
     T, d_k = q.shape
     d_v = v.shape[1]
+    if not isinstance(optimizer, iopt.InnerOptimizer):
+        raise TypeError(
+            "omega_scan: `optimizer` is an optax.GradientTransformation, not an inner learner; "
+            "wrap it: optimizer=optimizers.from_optax(transformation). The per-token eta_t and "
+            "alpha_t then scale and decay its updates (see optimizers.from_optax)"
+        )
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"omega_scan: `window` (c) must be an integer >= 1; got {window!r}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -155,11 +164,30 @@ def omega_scan(
         )
     if muon_per_chunk and decay_first:
         raise ValueError("omega_scan: `muon_per_chunk=True` does not support `decay_first=True`")
+    step_factor, constant_momentum = 1.0, None
     if method != "sequential" and optimizer.precondition is None:
-        raise ValueError(
-            f"omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; "
-            f"it runs only with method='sequential', not method={method!r}"
-        )
+        equivalent = iopt.linear_equivalent(optimizer)
+        if equivalent is None:
+            raise ValueError(
+                f"omega_scan: the inner learner {iopt.describe(optimizer)} has no chunked "
+                f"form, so method={method!r} cannot run it. The fast paths carry one momentum "
+                "buffer S_t and take steps P(S_t); they run optax learners whose update is "
+                "linear in the gradient with a constant momentum (optax.sgd with or without "
+                "momentum, optax.trace). This one is not (adaptive, clipped, weight- or "
+                "step-dependent, or Nesterov's extra gradient term). Pass "
+                "method='sequential' to run it as it is."
+            )
+        optimizer, step_factor, theta = equivalent
+        if optimizer.uses_momentum:
+            constant_momentum = theta
+        if state is not None and jax.tree.structure(state.optimizer_state) != jax.tree.structure(
+            optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))
+        ):
+            raise ValueError(
+                f"omega_scan: `state` holds another learner's state; method={method!r} runs "
+                f"this optax learner as {iopt.describe(optimizer)}, whose state a call with "
+                "the same method returns (method='sequential' carries the optax state instead)"
+            )
     exact = has_exact_form(memory if state is None else state.memory, optimizer, objective)
     if method == "pallas" and not exact:
         check_pallas_supported(
@@ -184,6 +212,10 @@ def omega_scan(
     gamma = jnp.ones((T,), dtype) if gamma is None else jnp.asarray(gamma, dtype)
     if check_values:
         lr = _check_inputs(q, k, v, lr, decay, momentum, gamma)
+    if step_factor != 1.0:
+        lr = lr * step_factor
+    if constant_momentum is not None:
+        momentum = jnp.full((T,), constant_momentum, dtype)
 
     features_q = feature_map(q)
     features_k = feature_map(k)

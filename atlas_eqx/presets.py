@@ -56,7 +56,10 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
+
+import feature_maps as fm
 
 from ._attention import AttentionLayer
 from ._hybrid import MAGLayer, MALLayer
@@ -119,22 +122,32 @@ def _polynomial_features(head_dim: int) -> dict[str, Any]:
     return dict(feature_map="elementwise", feature_degree=2, feature_include_constant=False)
 
 
-def _feature_norm_bound(config: dict[str, Any], head_dim: int) -> float:
-    r"""$\kappa \ge \|\phi(k)\|^2$ for $\|k\| = 1$ at the initial coefficients $a_i = 1/i!$."""
-    if config.get("memory") == "kernel":
-        scale = config.get("kernel_scale") or 1.0 / math.sqrt(max(head_dim, 1))
+def _feature_norm_bound(config: MemoryLayerConfig) -> float:
+    r"""$\kappa \ge \|\phi(k)\|^2$ for $\|k\| = 1$ at the initial coefficients $a_i = 1/i!$.
+
+    Closed forms for the library's feature maps; for a researcher's own map, the largest
+    $\|\phi(k)\|^2$ over the $2d_k$ signed unit axes and 256 random unit keys (a sampled
+    estimate, not a bound: pass `lr_max` to set the step size yourself)."""
+    head_dim = config.d_head
+    if config.memory == "kernel":
+        scale = config.kernel_scale or 1.0 / math.sqrt(head_dim)
         return math.exp(scale)  # kappa(k, k) = exp(scale) for a unit key
-    kind = config.get("feature_map", "polynomial")
-    if kind == "identity":
+    feature_map = config.make_feature_map()
+    if isinstance(feature_map, fm.Identity):
         return 1.0
-    degree = config.get("feature_degree", 2)
-    constant = config.get("feature_include_constant", kind != "elementwise")
-    start = 0 if constant or kind == "taylor" else 1
-    total = sum(1.0 / math.factorial(i) for i in range(start, degree + 1))
-    if kind == "elementwise":
-        # |phi_j| <= (sum_i a_i)|k_j| without the constant, <= sum_i a_i with it.
-        return total**2 * (max(head_dim, 1) if constant else 1)
-    return total
+    if isinstance(feature_map, fm.TaylorExp):
+        return sum(1.0 / math.factorial(i) for i in range(feature_map.order + 1))
+    if isinstance(feature_map, fm.Polynomial | fm.Elementwise):
+        start = 0 if feature_map.include_constant else 1
+        total = sum(1.0 / math.factorial(i) for i in range(start, feature_map.degree + 1))
+        if isinstance(feature_map, fm.Elementwise):
+            # |phi_j| <= (sum_i a_i)|k_j| without the constant, <= sum_i a_i with it.
+            return total**2 * (head_dim if feature_map.include_constant else 1)
+        return total
+    axes = jnp.concatenate([jnp.eye(head_dim), -jnp.eye(head_dim)])
+    random = jax.random.normal(jax.random.key(0), (256, head_dim))
+    keys = jnp.concatenate([axes, random / jnp.linalg.norm(random, axis=-1, keepdims=True)])
+    return float(jnp.max(jnp.sum(feature_map(keys) ** 2, axis=-1)))
 
 
 def _memory_preset(
@@ -153,12 +166,12 @@ def _memory_preset(
     fields: dict[str, Any] = {**base, **overrides}
     fields.update(d_model=d_model, n_heads=n_heads, chunk_size=chunk_size, window=window)
     if lr_from_window and "lr_max" not in overrides:
-        c = window if isinstance(window, int) and window >= 1 else 1
-        head_dim = _head_dim(d_model, n_heads, overrides)
-        if fields.get("optimizer") == "muon":
+        # Built with a placeholder step size: its checks and parts decide the real one.
+        config = MemoryLayerConfig(**{**fields, "lr_max": 1.0, "lr_init": 0.5})
+        if config.preconditioned:
             fields["lr_max"] = MUON_LR_MAX
         else:
-            fields["lr_max"] = 1.0 / (c * _feature_norm_bound(fields, head_dim))
+            fields["lr_max"] = 1.0 / (config.window * _feature_norm_bound(config))
     if "lr_init" not in overrides:
         fields["lr_init"] = 0.5 * fields.get("lr_max", 1.0)
     return MemoryLayer(MemoryLayerConfig(**fields), key=key)

@@ -96,7 +96,7 @@ def _ours(d: int, window: int, method: str, block_size: int | None):
 
 
 def _fla(delta_rule_chunkwise: Callable, chunk_size: int):
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     def forward(q, k, v, beta):
         with torch.no_grad():
@@ -124,7 +124,7 @@ def run_exact_benchmark(config: ExactBenchConfig = ExactBenchConfig()) -> list[d
     """Print (and write to `config.out_dir/results.md`) tokens/s and ratios to `sequential`."""
     fla = _fla_delta_rule_chunkwise()
     if fla is not None:
-        import torch
+        import torch  # pyright: ignore[reportMissingImports]
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA uses too
     T = config.length
@@ -148,7 +148,7 @@ def run_exact_benchmark(config: ExactBenchConfig = ExactBenchConfig()) -> list[d
                 functions[(name, 0)] = (forward, jax_args)
                 functions[(name, 1)] = (backward, jax_args)
             if fla is not None and window == 1:
-                import torch
+                import torch  # pyright: ignore[reportMissingImports]
 
                 torch_args = tuple(
                     torch.from_numpy(data[name])[None, None] for name in ("q", "k", "v", "beta")

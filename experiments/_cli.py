@@ -37,8 +37,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 _TRAIN_HELP = {
     "task": "mqar (Zoology multi-query associative recall) or lm (byte-level text)",
-    "preset": "a preset of atlas_eqx.presets (atlas, omeganet, titans, transformer, ...)",
-    "preset_options": "JSON object of extra preset config fields, e.g. '{\"muon_per_chunk\": true}'",
+    "preset": "a preset of atlas_eqx.presets (atlas, omeganet, titans, transformer, ...) or "
+    "a mixer factory by import path, 'package.module:factory'",
+    "preset_options": 'JSON object of extra preset config fields, e.g. \'{"muon_per_chunk": '
+    "true}'; memory, feature_map, objective and optimizer may be import paths "
+    "'package.module:attribute'",
     "d_model": "model width",
     "n_layers": "number of blocks",
     "n_heads": "heads per mixer",

@@ -64,8 +64,11 @@ class TrainConfig:
         if self.corpus not in CORPORA:
             raise ValueError(f"`corpus` must be one of {CORPORA}; got {self.corpus!r}")
         names = ae.presets.__all__
-        if self.preset not in names:
-            raise ValueError(f"unknown `preset` {self.preset!r}; choose from {sorted(names)}")
+        if self.preset not in names and not ae.is_import_path(self.preset):
+            raise ValueError(
+                f"unknown `preset` {self.preset!r}; choose from {sorted(names)} or name a "
+                "mixer factory by import path, 'package.module:factory'"
+            )
         for name in ("d_model", "n_layers", "n_heads", "chunk_size", "window", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
@@ -102,10 +105,15 @@ class TrainConfig:
 
 
 def build_language_model(config: TrainConfig) -> Any:
-    options: dict[str, Any] = {
-        **layout_options(config.preset, config.chunk_size, config.window),
-        **json.loads(config.preset_options),
-    }
+    """The configured model. A preset takes `chunk_size` and `window` from the config; a
+    mixer named by import path takes only `preset_options`. Strings in `preset_options` may
+    name a researcher's own memory, feature map, objective or inner learner by import path
+    (see `MemoryLayerConfig`)."""
+    if ae.is_import_path(config.preset):
+        layout = {}
+    else:
+        layout = layout_options(config.preset, config.chunk_size, config.window)
+    options: dict[str, Any] = {**layout, **json.loads(config.preset_options)}
     return ae.LanguageModel(
         config.model_vocab,
         config.d_model,

@@ -6,10 +6,13 @@ whose `update` takes the per-token step size, retention and momentum as argument
 
 from ._inner import (
     apply_updates as apply_updates,
+    describe as describe,
     EmptyState as EmptyState,
     from_optax as from_optax,
     gd as gd,
     InnerOptimizer as InnerOptimizer,
+    linear_equivalent as linear_equivalent,
+    LinearForm as LinearForm,
     momentum as momentum,
     MomentumState as MomentumState,
     muon as muon,

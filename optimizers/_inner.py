@@ -1,8 +1,10 @@
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.tree_util import Partial
 from jaxtyping import PyTree, ScalarLike
@@ -21,6 +23,10 @@ class InnerOptimizer(NamedTuple):
       momentum, Newton-Schulz per 2-D weight for Muon), or `None` for an opaque learner that
       only the sequential path can run.
     - `uses_momentum`: whether $\theta_t$ is read.
+    - `eta_inside_precondition`: Muon's App. D.4 placement of $\eta_t$ (`muon(eta_inside_ns=...)`).
+    - `linear_form`: for an optax learner (`from_optax`) whose update is linear in the
+      gradient with one constant momentum, its `LinearForm`; the fast paths then run it as
+      the equivalent built-in learner. `None` otherwise.
 
     Every built-in learner computes the canonical ATLAS step (digest 4.1)
 
@@ -35,6 +41,22 @@ class InnerOptimizer(NamedTuple):
     precondition: Callable[[PyTree], PyTree] | None
     uses_momentum: bool
     eta_inside_precondition: bool = False
+    linear_form: "LinearForm | None" = None
+
+
+class LinearForm(NamedTuple):
+    r"""An optax update that is linear in the gradient with one constant momentum $\beta$:
+
+    $$S_t = \beta S_{t-1} + g_t,\qquad u_t = \kappa S_t + \delta g_t.$$
+
+    `optax.sgd(lr)` is $(\beta, \kappa, \delta) = (0, 0, -lr)$, `optax.sgd(lr, momentum=b)`
+    is $(b, -lr, 0)$, `optax.trace(b)` is $(b, 1, 0)$ and Nesterov momentum is
+    $(b, -lr\,b, -lr)$.
+    """
+
+    momentum: float
+    momentum_weight: float
+    gradient_weight: float
 
 
 class EmptyState(NamedTuple):
@@ -182,7 +204,7 @@ def _optax_update(grads, state, params, *, lr, decay, momentum=None, transformat
 
 
 def from_optax(transformation: optax.GradientTransformation) -> InnerOptimizer:
-    r"""Run any `optax.GradientTransformation` as the inner learner (sequential path only).
+    r"""Run any `optax.GradientTransformation` as the inner learner.
 
     With $u_t$ the transformation's output for the window gradient $g_t$:
 
@@ -191,11 +213,119 @@ def from_optax(transformation: optax.GradientTransformation) -> InnerOptimizer:
     The transformation supplies the direction *with its sign*, so `from_optax(optax.sgd(1.0))`
     equals `gd()`, and `from_optax(optax.sgd(1.0, momentum=0.9))` equals `momentum()` with
     $\theta_t \equiv 0.9$. The per-token $\eta_t$ and $\alpha_t$ stay outside the transformation.
+
+    `method="sequential"` runs the transformation itself, any transformation. The fast paths
+    run those whose update is linear in the gradient with one constant momentum and no
+    dependence on the weights or the step count (`optax.sgd` with or without momentum,
+    `optax.trace`): `from_optax` identifies that `LinearForm` by probing the
+    transformation with impulses and checks it on a random gradient sequence, and the fast
+    paths then run the equivalent `gd()` or `momentum()` (a carried `state` then holds that
+    learner's buffer, not the optax state). Everything else, Nesterov momentum included (its
+    step $u_t = \kappa S_t + \delta g_t$ is not a function of the momentum alone, the one
+    buffer the chunked form carries), is sequential only, and the fast paths say so.
     """
     update = _Partial(_optax_update, transformation=transformation)
-    return InnerOptimizer(transformation.init, update, None, uses_momentum=False)
+    return InnerOptimizer(
+        transformation.init,
+        update,
+        None,
+        uses_momentum=False,
+        linear_form=_identify_linear_form(transformation),
+    )
+
+
+def _run_transformation(transformation, gradients, params):
+    state = transformation.init(params)
+    outputs = []
+    for gradient in gradients:
+        output, state = transformation.update(gradient, state, params)
+        outputs.append(output)
+    return jnp.stack(outputs)
+
+
+def _identify_linear_form(transformation: optax.GradientTransformation) -> LinearForm | None:
+    """`transformation`'s `LinearForm`, or `None` when it has none (nonlinear, weight- or
+    step-dependent, or coupled across coordinates)."""
+    with jax.ensure_compile_time_eval():
+        dtype = jnp.zeros(()).dtype
+        params = jnp.zeros((3,), dtype)
+        impulse = [jnp.array([1.0, 0.0, 0.0], dtype)] + [jnp.zeros((3,), dtype)] * 3
+        try:
+            response = _run_transformation(transformation, impulse, params)[:, 0]
+        except Exception:  # a transformation that cannot run on a plain vector: opaque
+            return None
+        tolerance = 1e-5 if dtype == jnp.float32 else 1e-10
+        h0, h1, h2 = (float(x) for x in response[:3])
+        scale = max(abs(h0), abs(h1), abs(h2))
+        if abs(h1) <= tolerance * scale or abs(h2) <= tolerance * scale:
+            form = LinearForm(0.0, 0.0, h0)
+        else:
+            beta = h2 / h1
+            kappa = h1 / beta
+            delta = h0 - kappa
+            if abs(delta) <= tolerance * scale:
+                delta = 0.0
+            form = LinearForm(beta, kappa, delta)
+        if not all(math.isfinite(x) for x in form):
+            return None
+        # Check the form on gradients of very different sizes (clipping, normalisation), at
+        # other weights (weight decay), over more steps (schedules) and across coordinates.
+        rng = np.random.default_rng(0)
+        scales = np.array([1e-3, 1.0, 1e3])
+        gradients = [jnp.asarray(rng.standard_normal(3) * scales, dtype) for _ in range(8)]
+        other_params = jnp.asarray(rng.standard_normal(3), dtype)
+        expected, buffer = [], np.zeros(3)
+        for gradient in gradients:
+            buffer = form.momentum * buffer + np.asarray(gradient)
+            expected.append(
+                form.momentum_weight * buffer + form.gradient_weight * np.asarray(gradient)
+            )
+        for weights in (params, other_params):
+            try:
+                outputs = np.asarray(_run_transformation(transformation, gradients, weights))
+            except Exception:
+                return None
+            if not np.allclose(outputs, np.stack(expected), rtol=tolerance, atol=tolerance * 1e-3):
+                return None
+    return form
+
+
+def linear_equivalent(optimizer: InnerOptimizer) -> tuple[InnerOptimizer, float, float] | None:
+    r"""For a `from_optax` learner with a `LinearForm` that no buffer-only learner lacks:
+    `(learner, step_factor, momentum)` such that running `learner` with $\eta_t$ times
+    `step_factor` and $\theta_t \equiv$ `momentum` computes the same updates (`gd()` when
+    there is no momentum, else `momentum()`). `None` when there is no such learner (no
+    linear form, or Nesterov's gradient term)."""
+    form = optimizer.linear_form
+    if form is None:
+        return None
+    if form.momentum == 0.0 or form.momentum_weight == 0.0:
+        return gd(), -(form.momentum_weight + form.gradient_weight), 0.0
+    if form.gradient_weight == 0.0:
+        return momentum(), -form.momentum_weight, form.momentum
+    return None
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """`optax.apply_updates`, re-exported so the inner learner reads like an optax one."""
     return optax.apply_updates(params, updates)
+
+
+def describe(optimizer: InnerOptimizer) -> str:
+    """A short name for error messages: the optax transformation behind a `from_optax`
+    learner (its update function and the types in its state), else the update function."""
+    update = optimizer.update
+    transformation = getattr(update, "keywords", {}).get("transformation")
+    if transformation is None:
+        function = getattr(update, "func", update)
+        return getattr(function, "__qualname__", type(function).__name__)
+    name = getattr(transformation.update, "__qualname__", "transformation").split(".<locals>")[0]
+    try:
+        state = transformation.init(jnp.zeros((1,)))
+        parts = jax.tree.flatten(
+            state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields")
+        )[0]
+        kinds = [type(part).__name__ for part in parts if hasattr(part, "_fields")]
+    except Exception:
+        kinds = []
+    return f"optax {name}({', '.join(kinds)})" if kinds else f"optax {name}"

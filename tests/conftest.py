@@ -1,7 +1,9 @@
+import gc
 import os
 import pathlib
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 
@@ -9,14 +11,42 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_enable_x64", True)
 
 # Every distinct shape compiles once; the persistent cache makes re-runs cheap. Only programs
-# that take at least half a second to compile are stored: caching every small program (eager
-# ops included, thousands of entries) made full runs read and write the cache thousands of
-# times, and several full runs segfaulted inside JAX's cache reads (jax 0.10.2, CPU).
+# that take at least half a second to compile are stored (caching every small program, eager
+# ops included, meant thousands of cache reads and writes per run).
 _cache_dir = os.environ.get(
     "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "atlas-eqx-xla")
 )
 jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Every compiled program stays mapped in memory while JAX's in-memory caches hold it, a few
+# mappings each. One process running the whole suite reached Linux's limit of 65,530 mappings
+# per process (vm.max_map_count) and crashed inside XLA, in compilation or in a cache read,
+# at whichever test came next. Dropping the caches after each module, and whenever the count
+# nears the limit, keeps it far below.
+_MAPS = pathlib.Path("/proc/self/maps")
+_MAX_MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+    with _MAPS.open("rb") as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_module():
+    yield
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _drop_compiled_programs_near_the_mapping_limit():
+    yield
+    if _MAPS.exists() and _mappings() > _MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()
+
 
 settings.register_profile(
     "ci",

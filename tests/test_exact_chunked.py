@@ -343,7 +343,7 @@ def test_deltanet_equals_fla_recurrence_and_chunkwise_form():
     """DeltaNet: our exact chunked form (block 8) = fla's `delta_rule_recurrence` and its
     `delta_rule_chunkwise` (chunk 16), outputs and final state (fla stores S = W^T)."""
     naive = _fla_naive("delta_rule")
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     T, d = 64, 8
     q, k, v, beta, _ = _fla_inputs(T, d, 0)
@@ -366,7 +366,7 @@ def test_gated_deltanet_equals_fla_recurrence_and_chunk_form():
     """Gated DeltaNet (`decay_first=True`, alpha = exp(g)): our exact chunked form (block 8)
     = fla's `naive_recurrent_gated_delta_rule` and `naive_chunk_gated_delta_rule` (chunk 16)."""
     naive = _fla_naive("gated_delta_rule")
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]
 
     T, d = 64, 8
     q, k, v, beta, alpha = _fla_inputs(T, d, 1)

@@ -449,7 +449,7 @@ def _naive_heads(layer: ae.MemoryLayer, inputs: ae.MemoryInputs, starts) -> np.n
                 head_inputs(inputs, h),
                 feature_map=head(layer.feature_map, h),
                 objective=objective,
-                optimizer=c.optimizer,
+                optimizer=str(c.optimizer),
                 window=c.window,
                 starts=starts,
                 decay_first=c.decay_first,
