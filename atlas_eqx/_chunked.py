@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, PyTree, Scalar
 import optimizers as iopt
 
 from ._memory import LinearMemory, MLPMemory
+from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
 
@@ -496,17 +497,7 @@ def _extended_tokens(state: OmegaState, features_k, v, chunk_size: int) -> _Toke
 
 
 def make_chunks(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    momentum: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    window: int,
-    chunk_size: int,
+    state: OmegaState, inputs: ScanInputs, *, window: int, chunk_size: int
 ) -> tuple[_Chunk, _Tokens]:
     """The chunk layout every chunk-parallel form reads (the XLA forms here, the Pallas
     kernels), and the flat extended token sequence the chunks are cut from.
@@ -516,6 +507,8 @@ def make_chunks(
     the `window - 1` tokens before it, taken from `state` for the first chunk), the gates of
     each step's window, and the banded gate matrix Gamma over the extended set.
     """
+    features_q, features_k, v = inputs.features_q, inputs.features_k, inputs.v
+    lr, decay, momentum, gamma = inputs.lr, inputs.decay, inputs.momentum, inputs.gamma
     T = v.shape[0]
     b, c = chunk_size, window
     n_chunks = -(-T // b)
@@ -555,20 +548,9 @@ def make_chunks(
 
 def chunked_scan(
     state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    momentum: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    inputs: ScanInputs,
+    rule: ScanRule,
     *,
-    objective: Callable[..., Scalar],
-    optimizer: iopt.InnerOptimizer,
-    window: int,
-    chunk_size: int,
-    decay_first: bool,
-    muon_per_chunk: bool = False,
     remat: bool = True,
     force_materialised: bool = False,
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
@@ -576,19 +558,10 @@ def chunked_scan(
 
     Arguments are validated by `omega_scan`; this is the unchecked implementation.
     """
-    T = v.shape[0]
-    chunks, tokens = make_chunks(
-        state,
-        features_q,
-        features_k,
-        v,
-        lr,
-        decay,
-        momentum,
-        gamma,
-        window=window,
-        chunk_size=chunk_size,
-    )
+    objective, optimizer, window = rule.objective, rule.optimizer, rule.window
+    decay_first, muon_per_chunk = rule.decay_first, rule.muon_per_chunk
+    T = inputs.v.shape[0]
+    chunks, tokens = make_chunks(state, inputs, window=window, chunk_size=rule.chunk_size)
     n_chunks, b = chunks.lr.shape
     memory = state.memory
     params, static = eqx.partition(memory, eqx.is_inexact_array)
@@ -637,22 +610,21 @@ def chunked_scan(
 
     y = y.reshape(n_chunks * b, -1)[:T]
     new_state = carry_window(
-        state, features_k, v, gamma, window=window, memory=new_memory, optimizer_state=new_opt
+        state, inputs, window=window, memory=new_memory, optimizer_state=new_opt
     )
     return y, new_state
 
 
 def carry_window(
     state: OmegaState,
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
+    inputs: ScanInputs,
     *,
     window: int,
     memory: PyTree,
     optimizer_state: PyTree,
 ) -> OmegaState:
     """The state after a call: the new weights and momentum, and the last `window - 1` tokens."""
+    features_k, v, gamma = inputs.features_k, inputs.v, inputs.gamma
     T = v.shape[0]
     dtype = v.dtype
     keep = window - 1

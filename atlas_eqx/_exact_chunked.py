@@ -48,18 +48,18 @@ part of the model (as in Titans and ATLAS).
 """
 
 import functools
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Scalar
+from jaxtyping import Array, Float
 
 import optimizers as iopt
 
 from ._chunked import _scan_chunk_indices, carry_window, decay_matrix, make_chunks
 from ._memory import LinearMemory
 from ._objective import dot, l2
+from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
 
@@ -179,34 +179,17 @@ def _block_inputs(
     )
 
 
-def exact_block_inputs(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    objective: Callable[..., Scalar],
-    window: int,
-    chunk_size: int,
-    decay_first: bool,
-    block_size: int | None,
-) -> _BlockInputs:
+def exact_block_inputs(state: OmegaState, inputs: ScanInputs, rule: ScanRule) -> _BlockInputs:
     """Everything of every execution block that does not depend on the state, stacked over
-    blocks (the part the XLA loop and the Pallas kernel share)."""
-    L = execution_block(chunk_size, block_size)
-    zeros = jnp.zeros_like(lr)
-    blocks, _ = make_chunks(
-        state, features_q, features_k, v, lr, decay, zeros, gamma, window=window, chunk_size=L
-    )
+    blocks (the part the XLA loop and the Pallas kernel share). `inputs.momentum` is unused."""
+    L = execution_block(rule.chunk_size, rule.block_size)
+    blocks, _ = make_chunks(state, inputs, window=rule.window, chunk_size=L)
     return jax.vmap(
         lambda *arrays: _block_inputs(
             *arrays,
-            chunk_size=chunk_size,
-            decay_first=decay_first,
-            affine_in_prediction=objective is l2,
+            chunk_size=rule.chunk_size,
+            decay_first=rule.decay_first,
+            affine_in_prediction=rule.objective is l2,
         )
     )(
         blocks.features_e,
@@ -219,61 +202,33 @@ def exact_block_inputs(
 
 
 def exact_linear_scan(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    objective: Callable[..., Scalar],
-    window: int,
-    chunk_size: int,
-    decay_first: bool,
-    block_size: int | None = None,
-    remat: bool = True,
+    state: OmegaState, inputs: ScanInputs, rule: ScanRule, *, remat: bool = True
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
     """`sequential_scan` for a linear memory under GD with `l2` or `dot` (same results), in
     execution blocks of `execution_block(chunk_size, block_size)` steps (module docstring).
 
     Arguments are validated by `omega_scan`; this is the unchecked implementation.
     """
-    T = v.shape[0]
+    T, d_out = inputs.v.shape
     memory = state.memory
     assert isinstance(memory, LinearMemory)
-    inputs = exact_block_inputs(
-        state,
-        features_q,
-        features_k,
-        v,
-        lr,
-        decay,
-        gamma,
-        objective=objective,
-        window=window,
-        chunk_size=chunk_size,
-        decay_first=decay_first,
-        block_size=block_size,
-    )
+    blocks = exact_block_inputs(state, inputs, rule)
 
     def body(W, k):
-        block = jax.tree.map(lambda x: x[k], inputs)
+        block = jax.tree.map(lambda x: x[k], blocks)
         H = block.features @ W.T  # W_0 phi_j for the block's tokens
         y = block.read_decay[:, None] * (block.queries @ W.T) - block.read_tokens @ H
         y = y + block.read_values
         W = block.end_decay * W - (block.end_tokens @ H - block.end_values).T @ block.features
         return W, y
 
-    W, y = _scan_chunk_indices(body, memory.weight, inputs.read_decay.shape[0], remat)
-    y = y.reshape(-1, v.shape[1])[:T]
+    W, y = _scan_chunk_indices(body, memory.weight, blocks.read_decay.shape[0], remat)
+    y = y.reshape(-1, d_out)[:T]
     new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
     new_state = carry_window(
         state,
-        features_k,
-        v,
-        gamma,
-        window=window,
+        inputs,
+        window=rule.window,
         memory=new_memory,
         optimizer_state=state.optimizer_state,
     )

@@ -91,6 +91,7 @@ from ._chunked import _Chunk, _Coefficients, _coefficients, carry_window, chunke
 from ._exact_chunked import exact_block_inputs, exact_linear_scan
 from ._memory import LinearMemory, MLPMemory
 from ._objective import _huber, _lp, dot, l2
+from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
 
@@ -451,22 +452,10 @@ def _with_layers(memory: LinearMemory | MLPMemory, layers: Sequence[Array]):
 
 
 def _forward(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    momentum: Float[Array, " T"],
-    gamma: Array,
-    *,
-    objective,
-    optimizer: iopt.InnerOptimizer,
-    window: int,
-    chunk_size: int,
-    backend: Backend,
+    state: OmegaState, inputs: ScanInputs, *, rule: ScanRule, backend: Backend
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
-    T, d_out = v.shape
+    objective, optimizer, window = rule.objective, rule.optimizer, rule.window
+    T, d_out = inputs.v.shape
     memory = state.memory
     assert isinstance(memory, LinearMemory | MLPMemory)
     uses_momentum = optimizer.uses_momentum
@@ -474,18 +463,7 @@ def _forward(
     weights, momenta, activation, residual = _memory_layers(
         memory, state.optimizer_state, uses_momentum
     )
-    chunks, _ = make_chunks(
-        state,
-        features_q,
-        features_k,
-        v,
-        lr,
-        decay,
-        momentum,
-        gamma,
-        window=window,
-        chunk_size=chunk_size,
-    )
+    chunks, _ = make_chunks(state, inputs, window=window, chunk_size=rule.chunk_size)
     n_chunks, b = chunks.lr.shape
     size = functools.partial(_padded_size, backend=backend)
     b_p, n_e_p = size(b), size(b + window - 1)
@@ -553,27 +531,13 @@ def _forward(
     else:
         new_opt = state.optimizer_state
     new_state = carry_window(
-        state, features_k, v, gamma, window=window, memory=new_memory, optimizer_state=new_opt
+        state, inputs, window=window, memory=new_memory, optimizer_state=new_opt
     )
     return y, new_state
 
 
 def pallas_scan(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    momentum: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    objective: Callable[..., Scalar],
-    optimizer: iopt.InnerOptimizer,
-    window: int,
-    chunk_size: int,
-    decay_first: bool = False,
-    backend: Backend | None = None,
+    state: OmegaState, inputs: ScanInputs, rule: ScanRule, *, backend: Backend | None = None
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
     r"""`chunked_scan` with the chunk loop in a Pallas kernel (same arguments, same results).
 
@@ -587,36 +551,24 @@ def pallas_scan(
     `"mosaic_tpu"`; `None` picks the one for `jax.default_backend()` (`resolve_backend`).
     """
     backend = resolve_backend(backend)
-    check_supported(state.memory, optimizer, objective, decay_first=decay_first, backend=backend)
-    chunked_options = dict(
-        objective=objective,
-        optimizer=optimizer,
-        window=window,
-        chunk_size=chunk_size,
-        decay_first=False,
+    check_supported(
+        state.memory, rule.optimizer, rule.objective, decay_first=rule.decay_first, backend=backend
     )
-    forward = functools.partial(
-        _forward,
-        objective=objective,
-        optimizer=optimizer,
-        window=window,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
+    forward = functools.partial(_forward, rule=rule, backend=backend)
 
     @jax.custom_vjp
-    def scan(*arrays):
-        return forward(*arrays)
+    def scan(state, inputs):
+        return forward(state, inputs)
 
-    def scan_fwd(*arrays):
-        return forward(*arrays), arrays
+    def scan_fwd(state, inputs):
+        return forward(state, inputs), (state, inputs)
 
-    def scan_bwd(arrays, cotangents):
-        _, vjp = jax.vjp(functools.partial(chunked_scan, **chunked_options), *arrays)
+    def scan_bwd(arguments, cotangents):
+        _, vjp = jax.vjp(functools.partial(chunked_scan, rule=rule), *arguments)
         return vjp(cotangents)
 
     scan.defvjp(scan_fwd, scan_bwd)
-    return scan(state, features_q, features_k, v, lr, decay, momentum, gamma)
+    return scan(state, inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,52 +607,26 @@ def _exact_kernel(
 
 
 def _exact_forward(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    gamma: Array,
-    *,
-    objective,
-    window: int,
-    chunk_size: int,
-    decay_first: bool,
-    block_size: int | None,
-    backend: Backend,
+    state: OmegaState, inputs: ScanInputs, *, rule: ScanRule, backend: Backend
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
-    T, d_out = v.shape
+    T, d_out = inputs.v.shape
     memory = state.memory
     assert isinstance(memory, LinearMemory)
-    inputs = exact_block_inputs(
-        state,
-        features_q,
-        features_k,
-        v,
-        lr,
-        decay,
-        gamma,
-        objective=objective,
-        window=window,
-        chunk_size=chunk_size,
-        decay_first=decay_first,
-        block_size=block_size,
-    )
-    n_blocks, L = inputs.read_decay.shape
-    n_e = inputs.features.shape[1]
+    blocks = exact_block_inputs(state, inputs, rule)
+    n_blocks, L = blocks.read_decay.shape
+    n_e = blocks.features.shape[1]
     size = functools.partial(_padded_size, backend=backend)
     L_p, n_e_p, d_in_p, d_out_p = size(L), size(n_e), size(memory.d_in), size(d_out)
     dtype = memory.weight.dtype
     data = [
-        _pad_to(inputs.features, (n_blocks, n_e_p, d_in_p)),
-        _pad_to(inputs.queries, (n_blocks, L_p, d_in_p)),
-        _pad_to(inputs.read_decay[..., None], (n_blocks, L_p, 1)),
-        _pad_to(inputs.read_tokens, (n_blocks, L_p, n_e_p)),
-        _pad_to(inputs.read_values, (n_blocks, L_p, d_out_p)),
-        inputs.end_decay[:, None, None],
-        _pad_to(inputs.end_tokens, (n_blocks, n_e_p, n_e_p)),
-        _pad_to(inputs.end_values, (n_blocks, n_e_p, d_out_p)),
+        _pad_to(blocks.features, (n_blocks, n_e_p, d_in_p)),
+        _pad_to(blocks.queries, (n_blocks, L_p, d_in_p)),
+        _pad_to(blocks.read_decay[..., None], (n_blocks, L_p, 1)),
+        _pad_to(blocks.read_tokens, (n_blocks, L_p, n_e_p)),
+        _pad_to(blocks.read_values, (n_blocks, L_p, d_out_p)),
+        blocks.end_decay[:, None, None],
+        _pad_to(blocks.end_tokens, (n_blocks, n_e_p, n_e_p)),
+        _pad_to(blocks.end_values, (n_blocks, n_e_p, d_out_p)),
     ]
     W_p = _pad_matrix(memory.weight, backend)
     out_shape = [
@@ -718,10 +644,8 @@ def _exact_forward(
     new_memory = eqx.tree_at(lambda m: m.weight, memory, W[: memory.d_out, : memory.d_in])
     new_state = carry_window(
         state,
-        features_k,
-        v,
-        gamma,
-        window=window,
+        inputs,
+        window=rule.window,
         memory=new_memory,
         optimizer_state=state.optimizer_state,
     )
@@ -729,20 +653,7 @@ def _exact_forward(
 
 
 def exact_pallas_scan(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    objective: Callable[..., Scalar],
-    window: int,
-    chunk_size: int,
-    decay_first: bool = False,
-    block_size: int | None = None,
-    backend: Backend | None = None,
+    state: OmegaState, inputs: ScanInputs, rule: ScanRule, *, backend: Backend | None = None
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
     r"""`exact_linear_scan` with its block loop in a Pallas kernel (same arguments, same
     results): a linear memory under GD with `l2` or `dot`, any window, gates, `decay_first`
@@ -751,25 +662,18 @@ def exact_pallas_scan(
     gradient is `jax.vjp(exact_linear_scan)` at the same arguments (a `jax.custom_vjp`).
     """
     backend = resolve_backend(backend)
-    options = dict(
-        objective=objective,
-        window=window,
-        chunk_size=chunk_size,
-        decay_first=decay_first,
-        block_size=block_size,
-    )
-    forward = functools.partial(_exact_forward, **options, backend=backend)
+    forward = functools.partial(_exact_forward, rule=rule, backend=backend)
 
     @jax.custom_vjp
-    def scan(*arrays):
-        return forward(*arrays)
+    def scan(state, inputs):
+        return forward(state, inputs)
 
-    def scan_fwd(*arrays):
-        return forward(*arrays), arrays
+    def scan_fwd(state, inputs):
+        return forward(state, inputs), (state, inputs)
 
-    def scan_bwd(arrays, cotangents):
-        _, vjp = jax.vjp(functools.partial(exact_linear_scan, **options), *arrays)
+    def scan_bwd(arguments, cotangents):
+        _, vjp = jax.vjp(functools.partial(exact_linear_scan, rule=rule), *arguments)
         return vjp(cotangents)
 
     scan.defvjp(scan_fwd, scan_bwd)
-    return scan(state, features_q, features_k, v, lr, decay, gamma)
+    return scan(state, inputs)

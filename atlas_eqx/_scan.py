@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -22,6 +22,7 @@ from ._pallas import (
     pallas_scan,
     resolve_backend,
 )
+from ._scan_inputs import ScanInputs, ScanRule
 from ._sequential import sequential_scan
 from ._state import init_omega_state, OmegaState
 
@@ -88,8 +89,8 @@ def omega_scan(
       block loop of the exact form, `decay_first` included, for a linear memory under GD; interpret
       mode on CPU, Triton on GPU, Mosaic on TPU; gradients through the chunked path; see
       `atlas_eqx._pallas`).
-    - `block_size`: how many steps `method="chunked"` processes together where an exact
-      chunk-parallel form exists: a `LinearMemory` under plain GD with `l2` or `dot`, any
+    - `block_size`: how many steps the chunked and Pallas paths process together where an
+      exact chunk-parallel form exists: a `LinearMemory` under plain GD with `l2` or `dot`, any
       `chunk_size`, window, gates and `decay_first` (the UT transform of the delta rule,
       `atlas_eqx._exact_chunked`; rounded up to a multiple of `chunk_size`; `None` is its
       measured default). A speed setting only. Other learners and memories (momentum, Muon,
@@ -217,26 +218,24 @@ def omega_scan(
     if constant_momentum is not None:
         momentum = jnp.full((T,), constant_momentum, dtype)
 
-    features_q = feature_map(q)
-    features_k = feature_map(k)
-    arrays = (state, features_q, features_k, v, lr, decay, momentum, gamma)
-    options: dict[str, Any] = dict(
+    inputs = ScanInputs(feature_map(q), feature_map(k), v, lr, decay, momentum, gamma)
+    rule = ScanRule(
         objective=objective,
         optimizer=optimizer,
         window=window,
         chunk_size=chunk_size,
         decay_first=decay_first,
+        muon_per_chunk=muon_per_chunk,
+        block_size=block_size,
     )
     if method == "sequential":
-        return sequential_scan(*arrays, **options)
-    if exact and method != "sequential":
-        del options["optimizer"]
-        arrays = (state, features_q, features_k, v, lr, decay, gamma)
+        return sequential_scan(state, inputs, rule)
+    if exact:
         scan = _exact_pallas_scan_jit if method == "pallas" else _exact_linear_scan_jit
-        return scan(*arrays, **options, block_size=block_size)
+        return scan(state, inputs, rule)
     if method == "pallas":
-        return _pallas_scan_jit(*arrays, **options)
-    return _chunked_scan_jit(*arrays, **options, muon_per_chunk=muon_per_chunk)
+        return _pallas_scan_jit(state, inputs, rule)
+    return _chunked_scan_jit(state, inputs, rule)
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)

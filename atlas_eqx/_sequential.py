@@ -12,6 +12,7 @@ from jaxtyping import Array, Float, Scalar
 
 import optimizers as iopt
 
+from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
 
@@ -25,20 +26,7 @@ def _window_loss(
 
 @eqx.filter_jit
 def sequential_scan(
-    state: OmegaState,
-    features_q: Float[Array, "T d_in"],
-    features_k: Float[Array, "T d_in"],
-    v: Float[Array, "T d_out"],
-    lr: Float[Array, " T"],
-    decay: Float[Array, " T"],
-    momentum: Float[Array, " T"],
-    gamma: Float[Array, " T"] | Float[Array, "T c"],
-    *,
-    objective: Callable[..., Scalar],
-    optimizer: iopt.InnerOptimizer,
-    window: int,
-    chunk_size: int,
-    decay_first: bool,
+    state: OmegaState, inputs: ScanInputs, rule: ScanRule
 ) -> tuple[Float[Array, "T d_out"], OmegaState]:
     r"""Token-by-token Omega rule with a frozen gradient anchor per chunk.
 
@@ -54,12 +42,14 @@ def sequential_scan(
     A gate `gamma` of shape `(T,)` is per written token ($\gamma_{t,i} = \gamma_i$); of shape
     `(T, c)` it is per step and offset ($\gamma_{t,t-j}$ = `gamma[t, j]`).
     """
+    objective, optimizer = rule.objective, rule.optimizer
+    chunk_size, decay_first = rule.chunk_size, rule.decay_first
     params, static = eqx.partition(state.memory, eqx.is_inexact_array)
-    per_step_gates = gamma.ndim == 2
+    per_step_gates = inputs.gamma.ndim == 2
 
-    def step(carry, inputs):
+    def step(carry, token):
         params, opt_state, anchor, anchor_decay, feats, vals, gates, mask = carry
-        t, phi_q, phi_k, v_t, lr_t, decay_t, theta_t, gamma_t = inputs
+        t, phi_q, phi_k, v_t, lr_t, decay_t, theta_t, gamma_t = token
 
         chunk_start = (t % chunk_size) == 0
         anchor = jax.tree.map(lambda w, a: jnp.where(chunk_start, w, a), params, anchor)
@@ -100,20 +90,20 @@ def sequential_scan(
         )
         return carry, y_t
 
-    T = v.shape[0]
-    del window  # encoded in the shapes of the window buffers
+    T = inputs.v.shape[0]
     carry = (
         params,
         state.optimizer_state,
         params,
-        jnp.ones((), lr.dtype),
+        jnp.ones((), inputs.lr.dtype),
         state.window_features,
         state.window_values,
         state.window_gates,
         state.window_mask,
     )
-    inputs = (jnp.arange(T), features_q, features_k, v, lr, decay, momentum, gamma)
-    carry, y = jax.lax.scan(step, carry, inputs)
+    i = inputs
+    per_token = (jnp.arange(T), i.features_q, i.features_k, i.v, i.lr, i.decay, i.momentum, i.gamma)
+    carry, y = jax.lax.scan(step, carry, per_token)
     params, opt_state, _, _, feats, vals, gates, mask = carry
     new_state = OmegaState(
         memory=eqx.combine(params, static),

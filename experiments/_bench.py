@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import atlas_eqx as ae
 import optimizers as iopt
 from atlas_eqx import _chunked
+from atlas_eqx._scan_inputs import ScanInputs
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,8 @@ class _FloorInputs(eqx.Module):
 def _floor_inputs(memory, window: int, chunk_size: int, q, k, v, lr, decay, momentum, gamma):
     del momentum  # gd
     state = ae.init_omega_state(memory, iopt.gd(), window)
-    chunks, _ = _chunked.make_chunks(
-        state, q, k, v, lr, decay, jnp.zeros_like(lr), gamma, window=window, chunk_size=chunk_size
-    )
+    inputs = ScanInputs(q, k, v, lr, decay, jnp.zeros_like(lr), gamma)
+    chunks, _ = _chunked.make_chunks(state, inputs, window=window, chunk_size=chunk_size)
     coefficients = _chunked._coefficients(chunks, uses_momentum=False).chunk_major()
     gram = jnp.einsum("nbi,nei->nbe", chunks.features_q, chunks.features_e)
     return _FloorInputs(

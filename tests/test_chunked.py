@@ -28,6 +28,7 @@ import feature_maps as fm
 import optimizers as iopt
 from atlas_eqx import _chunked
 from atlas_eqx._chunked import chunked_scan, decay_matrix
+from atlas_eqx._scan_inputs import ScanInputs, ScanRule
 
 
 D = 2  # d_k = d_v everywhere, so that compiled scans are shared between tests
@@ -112,19 +113,10 @@ def _direct(memory, feature_map, q, k, v, lr, decay, momentum, gamma, *, optimiz
     T = q.shape[0]
     momentum = jnp.zeros((T,)) if momentum is None else momentum
     gamma = jnp.ones((T,)) if gamma is None else gamma
-    return chunked_scan(
-        state,
-        feature_map(q),
-        feature_map(k),
-        v,
-        lr,
-        decay,
-        momentum,
-        gamma,
-        optimizer=optimizer,
-        window=window,
-        **kw,
-    )
+    inputs = ScanInputs(feature_map(q), feature_map(k), v, lr, decay, momentum, gamma)
+    private = {name: kw.pop(name) for name in ("remat", "force_materialised") if name in kw}
+    rule = ScanRule(optimizer=optimizer, window=window, **kw)
+    return chunked_scan(state, inputs, rule, **private)
 
 
 _direct_jit = eqx.filter_jit(_direct)

@@ -28,6 +28,7 @@ import feature_maps as fm
 import optimizers as iopt
 from atlas_eqx import _pallas
 from atlas_eqx._pallas import exact_pallas_scan, pallas_scan, resolve_backend
+from atlas_eqx._scan_inputs import ScanInputs, ScanRule
 
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -375,7 +376,7 @@ def test_unsupported_configurations_raise(case, match):
     elif case == "from_optax":
         import optax
 
-        kw["optimizer"] = iopt.from_optax(optax.sgd(1.0))
+        kw["optimizer"] = iopt.from_optax(optax.adam(1e-2))  # sgd has a linear form and runs
         x = make_inputs(0, 5, 4, 4, with_momentum=False)
     elif case == "objective":
         kw["objective"] = _bad_objective
@@ -467,21 +468,9 @@ def _lower(platform, kind, opt, *, T, d, b, window, hidden=None, heads=None) -> 
     )
 
     def scan(state, q, k, v, lr, decay, momentum, gamma):
-        y, _ = pallas_scan(
-            state,
-            q,
-            k,
-            v,
-            lr,
-            decay,
-            momentum,
-            gamma,
-            objective=ae.l2,
-            optimizer=optimizer,
-            window=window,
-            chunk_size=b,
-            backend=_BACKEND[platform],
-        )
+        inputs = ScanInputs(q, k, v, lr, decay, momentum, gamma)
+        rule = ScanRule(objective=ae.l2, optimizer=optimizer, window=window, chunk_size=b)
+        y, _ = pallas_scan(state, inputs, rule, backend=_BACKEND[platform])
         return y
 
     if heads is not None:
@@ -533,15 +522,9 @@ def test_gradient_program_lowers_for_gpu_and_tpu(platform):
     diff, static = eqx.partition(ae.init_omega_state(memory, optimizer, 2), eqx.is_inexact_array)
 
     def loss(diff, *arrays):
-        y, _ = pallas_scan(
-            eqx.combine(diff, static),
-            *arrays,
-            objective=ae.l2,
-            optimizer=optimizer,
-            window=2,
-            chunk_size=16,
-            backend=_BACKEND[platform],
-        )
+        rule = ScanRule(objective=ae.l2, optimizer=optimizer, window=2, chunk_size=16)
+        state = eqx.combine(diff, static)
+        y, _ = pallas_scan(state, ScanInputs(*arrays), rule, backend=_BACKEND[platform])
         return jnp.sum(y * y)
 
     f32 = jnp.float32
@@ -588,21 +571,16 @@ def test_exact_kernel_lowers_for_gpu_and_tpu(platform, window, decay_first, d, h
     arrays += [jax.ShapeDtypeStruct(shape, f32) for _ in range(3)]
 
     def scan(state, q, k, v, lr, decay, gamma):
-        y, _ = exact_pallas_scan(
-            state,
-            q,
-            k,
-            v,
-            lr,
-            decay,
-            gamma,
+        inputs = ScanInputs(q, k, v, lr, decay, jnp.zeros_like(lr), gamma)
+        rule = ScanRule(
             objective=ae.l2,
+            optimizer=iopt.gd(),
             window=window,
             chunk_size=1,
             decay_first=decay_first,
             block_size=32,
-            backend=_BACKEND[platform],
         )
+        y, _ = exact_pallas_scan(state, inputs, rule, backend=_BACKEND[platform])
         return y
 
     if heads is not None:
