@@ -131,6 +131,9 @@ class MemoryLayerConfig:
       taken at the chunk-start weights; `chunk_size=1` is the token-by-token rule. Part of the
       model, never a speed setting.
     - `method`: `"chunked"` (the fast path) or `"sequential"` (the oracle); equal results.
+      A learner with no chunked form (an optax transformation other than `sgd` / `trace`,
+      see `optimizers.from_optax`) runs sequentially under either: the same function, at the
+      sequential path's speed (`scan_method` says which runs).
     - `block_size`: how many steps the exact chunk-parallel form processes together (linear
       memory, GD, `l2` or `dot`: `atlas_eqx._exact_chunked`); `None` is its measured default.
       A speed setting only: every value computes the same function.
@@ -397,6 +400,14 @@ class MemoryLayerConfig:
         `precondition` is `optimizers.no_precondition`): the learners `lr_normalization` and
         `lr_momentum_scaling` apply to."""
         return self.inner_optimizer().precondition is iopt.no_precondition
+
+    @property
+    def scan_method(self) -> str:
+        """The `omega_scan` method the layer runs: `method`, or `"sequential"` for a learner
+        that has no chunked form."""
+        optimizer = self.inner_optimizer()
+        opaque = optimizer.precondition is None and iopt.linear_equivalent(optimizer) is None
+        return "sequential" if opaque else self.method
 
     def objective_function(self) -> Objective:
         """The attentional bias named by `objective`."""
@@ -879,6 +890,9 @@ class MemoryLayer(AbstractMixer):
             return _stack(state, c.n_heads)
         memory = self._initial_memory()
         optimizer = c.inner_optimizer()
+        equivalent = iopt.linear_equivalent(optimizer) if optimizer.precondition is None else None
+        if equivalent is not None and c.scan_method != "sequential":
+            optimizer = equivalent[0]  # the fast paths run an optax learner as gd / momentum
         return eqx.filter_vmap(lambda m: init_omega_state(m, optimizer, c.window))(memory)
 
     def run_memory(
@@ -935,7 +949,7 @@ class MemoryLayer(AbstractMixer):
                 optimizer=optimizer,
                 window=c.window,
                 chunk_size=c.chunk_size,
-                method=c.method,  # pyright: ignore[reportArgumentType]
+                method=c.scan_method,  # pyright: ignore[reportArgumentType]
                 block_size=c.block_size,
                 state=head_state,
                 decay_first=c.decay_first,

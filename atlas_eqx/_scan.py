@@ -184,10 +184,12 @@ def omega_scan(
         if state is not None and jax.tree.structure(state.optimizer_state) != jax.tree.structure(
             optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))
         ):
+            equivalent_name = "momentum()" if optimizer.uses_momentum else "gd()"
             raise ValueError(
                 f"omega_scan: `state` holds another learner's state; method={method!r} runs "
-                f"this optax learner as {iopt.describe(optimizer)}, whose state a call with "
-                "the same method returns (method='sequential' carries the optax state instead)"
+                f"this optax learner as optimizers.{equivalent_name}, whose state "
+                f"init_omega_state(memory, optimizers.{equivalent_name}) or a call with the "
+                "same method returns (method='sequential' carries the optax state instead)"
             )
     exact = has_exact_form(memory if state is None else state.memory, optimizer, objective)
     if method == "pallas" and not exact:

@@ -131,19 +131,24 @@ def test_configs_with_objects_hash_and_compare_by_value():
     assert len(traces) == 1
 
 
-def _custom_model(key=KEY) -> ae.LanguageModel:
+def _custom_model(key=KEY, optimizer=iopt.momentum()) -> ae.LanguageModel:
     options = dict(
         memory=custom.LowRankMemory,
         feature_map=custom.SignedSquare(),
         objective=custom.log_cosh,
-        optimizer=iopt.momentum(),
+        optimizer=optimizer,
         chunk_size=4,
     )
     return ae.LanguageModel(32, D_MODEL, 1, N_HEADS, key=key, mixer="titans", mixer_options=options)
 
 
-def test_custom_parts_reach_a_language_model_with_finite_nonzero_gradients():
-    model = _custom_model()
+@pytest.mark.parametrize(
+    "optimizer",
+    [iopt.momentum(), iopt.from_optax(optax.adam(1e-2)), custom.sgd_momentum()],
+    ids=["momentum", "optax_adam", "optax_sgd_momentum"],
+)
+def test_custom_parts_reach_a_language_model_with_finite_nonzero_gradients(optimizer):
+    model = _custom_model(optimizer=optimizer)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, T + 1)))
 
     def loss(model):
@@ -174,10 +179,19 @@ def test_custom_parts_survive_a_checkpoint_round_trip(tmp_path):
 
 def test_optax_learners_in_a_layer_and_their_errors():
     x = sequence()
-    wrapped = layer(
-        memory="linear", optimizer=iopt.from_optax(optax.adam(1e-2)), method="sequential"
+    adam = iopt.from_optax(optax.adam(1e-2))
+    by_default = layer(memory="linear", optimizer=adam)
+    sequential = layer(memory="linear", optimizer=adam, method="sequential")
+    assert by_default.config.scan_method == "sequential"  # adam has no chunked form
+    np.testing.assert_array_equal(by_default(x), sequential(x))
+    sgd = layer(memory="linear", optimizer=iopt.from_optax(optax.sgd(0.5, momentum=0.5)))
+    assert sgd.config.scan_method == "chunked"
+    np.testing.assert_allclose(
+        sgd(x),
+        layer(memory="linear", optimizer=sgd.config.optimizer, method="sequential")(x),
+        rtol=0,
+        atol=1e-10,
     )
-    assert np.all(np.isfinite(wrapped(x)))
     with pytest.raises(ValueError, match="from_optax"):
         layer(optimizer=optax.adam(1e-2))
     memory = ae.LinearMemory(8, 8, key=KEY)
