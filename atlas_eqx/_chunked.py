@@ -134,13 +134,19 @@ class _Coefficients(eqx.Module):
 
 
 def _row_recurrences(
-    chunks: _Chunk, row_at: Callable[[Array, Array], Array], uses_momentum: bool
+    chunks: _Chunk,
+    row_at: Callable[[Array, Array], Array],
+    uses_momentum: bool,
+    nesterov: bool = False,
 ) -> _Coefficients:
     r"""$X = L_\alpha\mathrm{diag}(\eta)L_\theta R$ ($L_\alpha\mathrm{diag}(\eta)R$ without
     momentum) for every chunk, built row by row and never as a product with $L_\alpha$:
 
     $$D_t = \theta_tD_{t-1} + R_t,\quad X_t = \alpha_tX_{t-1} + \eta_tD_t,\quad
     A_t = \alpha_tA_{t-1},\quad B_t = \theta_tB_{t-1},\quad c_{S,t} = \alpha_tc_{S,t-1} + \eta_tB_t.$$
+
+    With Nesterov's step $\theta_tS_t + g_t$ (`momentum(nesterov=True)`) the step's row is
+    $\theta_tD_t + R_t$ and $c_{S,t} = \alpha_tc_{S,t-1} + \eta_t\theta_tB_t$.
 
     One `lax.scan` over the b steps, batched over chunks: exact when some $\alpha_j = 0$ (no
     division), and half the time of forming $L_\alpha$ and multiplying by it.
@@ -160,10 +166,15 @@ def _row_recurrences(
         if uses_momentum:
             B = theta * B
             D = theta[:, None] * D + row
-            c_S = alpha * c_S + eta * B
+            if nesterov:
+                c_S = alpha * c_S + eta * theta * B
+                step_row = theta[:, None] * D + row
+            else:
+                c_S = alpha * c_S + eta * B
+                step_row = D
         else:
-            D = row
-        X = alpha[:, None] * X + eta[:, None] * D
+            D = step_row = row
+        X = alpha[:, None] * X + eta[:, None] * step_row
         return (A, B, X, D, c_S), (A, B, X, c_S)
 
     vector = jnp.ones((n_chunks,), dtype)
@@ -183,7 +194,7 @@ def _row_recurrences(
     return _Coefficients(A=A, B=B, C=X, c_S=c_S, C_S=D_end)
 
 
-def _coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
+def _coefficients(chunks: _Chunk, uses_momentum: bool, nesterov: bool = False) -> _Coefficients:
     r"""Per extended token: $C = L_\alpha\mathrm{diag}(\eta)L_\theta\Gamma$ and
     $C_S = L_\theta[b]\Gamma$, from the row recurrences with the band's rows $\Gamma_t$ as inputs
     (row $t$ holds step $t$'s c window gates at columns $t, \dots, t + c - 1$)."""
@@ -193,10 +204,12 @@ def _coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
     def band_row(t, gates):  # gates[:, o] sits at column t + c - 1 - o
         return jax.lax.dynamic_update_slice(zeros, gates[:, ::-1], (0, t))
 
-    return _row_recurrences(chunks, band_row, uses_momentum)
+    return _row_recurrences(chunks, band_row, uses_momentum, nesterov)
 
 
-def _step_coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
+def _step_coefficients(
+    chunks: _Chunk, uses_momentum: bool, nesterov: bool = False
+) -> _Coefficients:
     r"""Per step: `C` is $M = L_\alpha\mathrm{diag}(\eta)L_\theta$ ($L_\alpha\mathrm{diag}(\eta)$
     without momentum) and `C_S` is $L_\theta[b]$ (the row recurrences with unit rows)."""
     n_chunks, b = chunks.lr.shape
@@ -205,10 +218,12 @@ def _step_coefficients(chunks: _Chunk, uses_momentum: bool) -> _Coefficients:
         del gates
         return jnp.broadcast_to(jax.nn.one_hot(t, b, dtype=chunks.lr.dtype), (n_chunks, b))
 
-    return _row_recurrences(chunks, unit_row, uses_momentum)
+    return _row_recurrences(chunks, unit_row, uses_momentum, nesterov)
 
 
-def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
+def _linear_dual_scan(
+    W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool, nesterov: bool = False
+):
     r"""Linear memory, GD or momentum: the chunk loop carries $(W_s, S_s)$ and reads each chunk
     at its anchor, $Y = A\odot(QW_s^\top) - c_S\odot(QS_s^\top) - (C\odot Q\Phi_E^\top)R$ with
     $R = \nabla\mathrm{obj}(\Phi_EW_s^\top, V_E)$.
@@ -216,7 +231,7 @@ def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: b
     Reading inside the loop, while $W_s$ is at hand, measured faster on CPU than stacking
     every anchor for one batched read afterwards (as for the MLP form).
     """
-    coeffs = _coefficients(chunks, S is not None)
+    coeffs = _coefficients(chunks, S is not None, nesterov)
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
     def body(carry, k):
@@ -238,7 +253,9 @@ def _linear_dual_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: b
     return y, W, S
 
 
-def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
+def _linear_dual_decay_first_scan(
+    W, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool, nesterov: bool = False
+):
     r"""Linear memory, GD or momentum, `decay_first=True`: step $m$'s gradients are taken at
     $A_mW_s$, so token $i$'s residual differs per step. Each (step $m$, offset $o$) pair is a
     virtual token with feature $\phi_{m-o}$ and residual
@@ -249,7 +266,7 @@ def _linear_dual_decay_first_scan(W, S, chunks: _Chunk, tokens: _Tokens, objecti
     no per-position weights.
     """
     b, window = tokens.chunk_size, tokens.window
-    coeffs = _step_coefficients(chunks, S is not None)
+    coeffs = _step_coefficients(chunks, S is not None, nesterov)
     token_rows = [slice(window - 1 - o, window - 1 - o + b) for o in range(window)]
     residual_of = jax.vmap(_output_grad, in_axes=(None, 0, 0))
 
@@ -317,14 +334,22 @@ def _mlp_dual_read(memory: MLPMemory, S, inputs, deltas, Q, c: _Coefficients):
     return g + Q if memory.residual else g
 
 
-def _mlp_dual_scan(memory: MLPMemory, S, chunks: _Chunk, tokens: _Tokens, objective, remat: bool):
+def _mlp_dual_scan(
+    memory: MLPMemory,
+    S,
+    chunks: _Chunk,
+    tokens: _Tokens,
+    objective,
+    remat: bool,
+    nesterov: bool = False,
+):
     r"""`MLPMemory`: each layer's per-token gradients are rank-1, $\delta_i h_i^\top$.
 
     The reads happen inside the chunk loop, while the chunk's anchor is at hand: stacking every
     chunk's anchor weights and gradient factors for a batched read afterwards moves
     O(T / b * |W|) bytes through memory, which made long sequences 3x slower per token.
     """
-    coeffs = _coefficients(chunks, S is not None)
+    coeffs = _coefficients(chunks, S is not None, nesterov)
     params, static = eqx.partition(memory, eqx.is_inexact_array)
 
     def body(carry, k):
@@ -403,6 +428,12 @@ def _materialised_chunk(
         momenta = grads
         new_state = opt_state
     directions = jax.vmap(optimizer.precondition)(momenta)
+    if optimizer.nesterov:
+        directions = jax.tree.map(
+            lambda d, g: chunk.momentum.reshape((-1,) + (1,) * (d.ndim - 1)) * d + g,
+            directions,
+            grads,
+        )
     # With eta inside P the step has no eta to zero it, so padding steps are masked explicitly.
     step_scale = chunk.valid if optimizer.eta_inside_precondition else chunk.lr
     steps = _scale_rows(step_scale, directions)
@@ -572,7 +603,9 @@ def chunked_scan(
     if dual and isinstance(memory, LinearMemory):
         S0 = state.optimizer_state.momentum.weight if uses_momentum else None
         linear_scan = _linear_dual_decay_first_scan if decay_first else _linear_dual_scan
-        y, W, S = linear_scan(memory.weight, S0, chunks, tokens, objective, remat)
+        y, W, S = linear_scan(
+            memory.weight, S0, chunks, tokens, objective, remat, optimizer.nesterov
+        )
         new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weight, state.optimizer_state.momentum, S))
@@ -581,7 +614,9 @@ def chunked_scan(
         )
     elif dual and not decay_first and isinstance(memory, MLPMemory):
         S0 = state.optimizer_state.momentum.weights if uses_momentum else None
-        y, new_memory, S = _mlp_dual_scan(memory, S0, chunks, tokens, objective, remat)
+        y, new_memory, S = _mlp_dual_scan(
+            memory, S0, chunks, tokens, objective, remat, optimizer.nesterov
+        )
         new_opt = (
             iopt.MomentumState(eqx.tree_at(lambda m: m.weights, state.optimizer_state.momentum, S))
             if uses_momentum

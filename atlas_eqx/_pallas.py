@@ -479,7 +479,8 @@ def _forward(
 
     data = [chunks.features_e, chunks.values_e, chunks.features_q]
     if ns_options is None:
-        coeffs: _Coefficients = _coefficients(chunks, uses_momentum).chunk_major()
+        coeffs: _Coefficients = _coefficients(chunks, uses_momentum, optimizer.nesterov)
+        coeffs = coeffs.chunk_major()
         data += [column(coeffs.A), coeffs.C, column(coeffs.A[:, -1:]), column(coeffs.C[:, -1])]
         if uses_momentum:
             data += [

@@ -172,11 +172,10 @@ def omega_scan(
             raise ValueError(
                 f"omega_scan: the inner learner {iopt.describe(optimizer)} has no chunked "
                 f"form, so method={method!r} cannot run it. The fast paths carry one momentum "
-                "buffer S_t and take steps P(S_t); they run optax learners whose update is "
+                "buffer S_t and take steps along it; they run optax learners whose update is "
                 "linear in the gradient with a constant momentum (optax.sgd with or without "
-                "momentum, optax.trace). This one is not (adaptive, clipped, weight- or "
-                "step-dependent, or Nesterov's extra gradient term). Pass "
-                "method='sequential' to run it as it is."
+                "momentum or Nesterov, optax.trace). This one is not (adaptive, clipped, "
+                "weight- or step-dependent). Pass method='sequential' to run it as it is."
             )
         optimizer, step_factor, theta = equivalent
         if optimizer.uses_momentum:

@@ -24,6 +24,7 @@ class InnerOptimizer(NamedTuple):
       only the sequential path can run.
     - `uses_momentum`: whether $\theta_t$ is read.
     - `eta_inside_precondition`: Muon's App. D.4 placement of $\eta_t$ (`muon(eta_inside_ns=...)`).
+    - `nesterov`: the step is $\theta_tP(S_t) + g_t$ instead of $P(S_t)$ (`momentum(nesterov=True)`).
     - `linear_form`: for an optax learner (`from_optax`) whose update is linear in the
       gradient with one constant momentum, its `LinearForm`; the fast paths then run it as
       the equivalent built-in learner. `None` otherwise.
@@ -42,6 +43,7 @@ class InnerOptimizer(NamedTuple):
     uses_momentum: bool
     eta_inside_precondition: bool = False
     linear_form: "LinearForm | None" = None
+    nesterov: bool = False
 
 
 class LinearForm(NamedTuple):
@@ -126,7 +128,16 @@ def _momentum_init(params: PyTree) -> MomentumState:
 
 
 def _momentum_update(
-    grads, state, params, *, lr, decay, momentum, precondition, eta_inside_precondition=False
+    grads,
+    state,
+    params,
+    *,
+    lr,
+    decay,
+    momentum,
+    precondition,
+    eta_inside_precondition=False,
+    nesterov=False,
 ):
     if eta_inside_precondition:
         grads = jax.tree.map(lambda g: lr * g, grads)
@@ -134,19 +145,29 @@ def _momentum_update(
     # The buffer keeps its dtype: float64 per-token scalars (x64) or a float32 gate with bf16
     # weights must not promote the state, or a `lax.scan` carry changes type.
     buffer = jax.tree.map(lambda s, g: (momentum * s + g).astype(s.dtype), state.momentum, grads)
-    return _retain_and_step(params, precondition(buffer), lr, decay), MomentumState(buffer)
+    direction = precondition(buffer)
+    if nesterov:
+        direction = jax.tree.map(lambda d, g: (momentum * d + g).astype(d.dtype), direction, grads)
+    return _retain_and_step(params, direction, lr, decay), MomentumState(buffer)
 
 
-def momentum() -> InnerOptimizer:
+def momentum(nesterov: bool = False) -> InnerOptimizer:
     r"""Gradient descent with momentum and retention (Titans Eqs 13-14 in ATLAS's form, Eq 12-13).
 
     $$S_t = \theta_t S_{t-1} + g_t,\qquad W_t = \alpha_t W_{t-1} - \eta_t S_t.$$
 
     This equals Titans' form $S_t = \theta_t S_{t-1} - \eta_t g_t$, $W_t = \alpha_t W_{t-1} + S_t$
     exactly when $\eta$ is constant (digest I-15).
+
+    `nesterov=True` steps along $\theta_tS_t + g_t$ instead (Sutskever's form of Nesterov
+    momentum, as `optax.sgd(..., nesterov=True)`): $W_t = \alpha_tW_{t-1} - \eta_t(\theta_tS_t
+    + g_t)$. It is not in the paper; it is how `from_optax` runs optax's Nesterov on the fast
+    paths.
     """
-    update = _Partial(_momentum_update, precondition=no_precondition)
-    return InnerOptimizer(_momentum_init, update, no_precondition, uses_momentum=True)
+    update = _Partial(_momentum_update, precondition=no_precondition, nesterov=nesterov)
+    return InnerOptimizer(
+        _momentum_init, update, no_precondition, uses_momentum=True, nesterov=nesterov
+    )
 
 
 def _newton_schulz_per_matrix(tree: PyTree, *, steps, coefficients, eps) -> PyTree:
@@ -216,13 +237,13 @@ def from_optax(transformation: optax.GradientTransformation) -> InnerOptimizer:
 
     `method="sequential"` runs the transformation itself, any transformation. The fast paths
     run those whose update is linear in the gradient with one constant momentum and no
-    dependence on the weights or the step count (`optax.sgd` with or without momentum,
-    `optax.trace`): `from_optax` identifies that `LinearForm` by probing the
-    transformation with impulses and checks it on a random gradient sequence, and the fast
-    paths then run the equivalent `gd()` or `momentum()` (a carried `state` then holds that
-    learner's buffer, not the optax state). Everything else, Nesterov momentum included (its
-    step $u_t = \kappa S_t + \delta g_t$ is not a function of the momentum alone, the one
-    buffer the chunked form carries), is sequential only, and the fast paths say so.
+    dependence on the weights or the step count (`optax.sgd` with or without momentum or
+    Nesterov momentum, `optax.trace`): `from_optax` identifies that `LinearForm` by probing
+    the transformation with impulses and checks it on a random gradient sequence, and the
+    fast paths then run the equivalent `gd()`, `momentum()` or `momentum(nesterov=True)` (a
+    carried `state` then holds that learner's buffer, not the optax state). Everything else
+    (adaptive, clipped, weight- or step-dependent transformations) is sequential only, and
+    the fast paths say so.
     """
     update = _Partial(_optax_update, transformation=transformation)
     return InnerOptimizer(
@@ -291,18 +312,21 @@ def _identify_linear_form(transformation: optax.GradientTransformation) -> Linea
 
 
 def linear_equivalent(optimizer: InnerOptimizer) -> tuple[InnerOptimizer, float, float] | None:
-    r"""For a `from_optax` learner with a `LinearForm` that no buffer-only learner lacks:
+    r"""For a `from_optax` learner with a `LinearForm`, the built-in learner that runs it:
     `(learner, step_factor, momentum)` such that running `learner` with $\eta_t$ times
     `step_factor` and $\theta_t \equiv$ `momentum` computes the same updates (`gd()` when
-    there is no momentum, else `momentum()`). `None` when there is no such learner (no
-    linear form, or Nesterov's gradient term)."""
+    there is no momentum, `momentum(nesterov=True)` when $\kappa = \beta\delta$, else
+    `momentum()`). `None` when there is no such learner."""
     form = optimizer.linear_form
     if form is None:
         return None
-    if form.momentum == 0.0 or form.momentum_weight == 0.0:
-        return gd(), -(form.momentum_weight + form.gradient_weight), 0.0
-    if form.gradient_weight == 0.0:
-        return momentum(), -form.momentum_weight, form.momentum
+    beta, kappa, delta = form
+    if beta == 0.0 or kappa == 0.0:
+        return gd(), -(kappa + delta), 0.0
+    if delta == 0.0:
+        return momentum(), -kappa, beta
+    if math.isclose(kappa, delta * beta, rel_tol=1e-6):  # u = delta (beta S + g): Nesterov
+        return momentum(nesterov=True), -delta, beta
     return None
 
 
