@@ -69,7 +69,10 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
             raise SystemExit(
                 f"{args.config}: unknown field(s) {unknown}; valid fields: {sorted(names)}"
             )
-        values.update(loaded)
+        for name, value in loaded.items():
+            if isinstance(names[name].default, str) and isinstance(value, dict | list):
+                value = json.dumps(value)  # a JSON-valued field may be written as JSON
+            values[name] = value
     for name, field in names.items():
         given = getattr(args, name, None)
         if given is not None:

@@ -226,7 +226,9 @@ def test_abstract_mixer_is_exported():
 def test_the_command_line_trains_a_custom_memory_named_by_import_path(tmp_path, capsys):
     run = tmp_path / "run"
     options = {"memory": "_custom_parts:LowRankMemory", "objective": "_custom_parts:log_cosh"}
-    argv = ["train", "--preset", "titans", "--preset-options", json.dumps(options)]
+    config = tmp_path / "config.json"  # a config file may give preset_options as an object
+    config.write_text(json.dumps({"preset": "titans", "preset_options": options}))
+    argv = ["train", "--config", str(config)]
     argv += ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--seq-len", "16"]
     argv += ["--num-kv-pairs", "2", "--vocab-size", "32", "--num-train", "64"]
     argv += ["--num-test", "32", "--batch-size", "8", "--steps", "2", "--eval-every", "0"]
