@@ -118,6 +118,13 @@ def causal_attention(
     return jnp.einsum("hts,shd->thd", probabilities, values)
 
 
+def _check_not_empty(x: Array) -> None:
+    if x.shape[0] == 0:
+        raise ValueError(
+            "AttentionLayer: `x` is empty (T = 0); a sequence needs at least one token"
+        )
+
+
 class AttentionState(eqx.Module):
     r"""The KV cache of an `AttentionLayer` stream.
 
@@ -272,6 +279,7 @@ class AttentionLayer(AbstractMixer):
     @jaxtyped(typechecker=beartype)
     def __call__(self, x: Float[Array, "T d_model"]) -> Float[Array, "T d_model"]:
         """The whole sequence at positions `0..T-1`: `(T, d_model) -> (T, d_model)`."""
+        _check_not_empty(x)
         positions = jnp.arange(x.shape[0])
         q, q_rot, k_rot, v = self._qkv(x, positions)
         return self._attend(q, q_rot, k_rot, v)
@@ -299,6 +307,7 @@ class AttentionLayer(AbstractMixer):
     ) -> tuple[Float[Array, "T d_model"], AttentionState]:
         """The next `T` tokens (positions continue from `state.count`): attend to the cache and
         to themselves, then write their keys and values into the cache."""
+        _check_not_empty(x)
         T = x.shape[0]
         slots = state.keys.shape[0]
         count = state.count

@@ -47,6 +47,8 @@ def _check_input(name: str, x: Array, d_model: int) -> None:
             f"{name}: `x` must have shape (T, d_model={d_model}) (one sequence; jax.vmap for a "
             f"batch); got {x.shape}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: `x` is empty (T = 0); a sequence needs at least one token")
 
 
 def _check_parts(name: str, attention: AttentionLayer, memory: MemoryLayer, n_persistent: int):

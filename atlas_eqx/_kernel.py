@@ -172,6 +172,8 @@ def _finite(name: str, x: Float[Array, "*shape"], arg: str) -> Float[Array, "*sh
 
 def _prepare(name: str, q, k, v, lr, decay, scale: float | None, check_values: bool):
     T, d_k = q.shape
+    if T == 0:
+        raise ValueError(f"{name}: `q` is empty (T = 0); a sequence needs at least one token")
     if k.shape != (T, d_k):
         raise ValueError(
             f"{name}: `k` must have the shape of `q`, (T, d_k) = {q.shape}; got {k.shape}"

@@ -1018,3 +1018,7 @@ class MemoryLayer(AbstractMixer):
                 f"MemoryLayer: `x` must have shape (T, d_model={self.d_model}) (one sequence; "
                 f"jax.vmap for a batch); got {x.shape}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(
+                "MemoryLayer: `x` is empty (T = 0); a sequence needs at least one token"
+            )

@@ -287,16 +287,17 @@ class LanguageModel(eqx.Module):
             raise ValueError(
                 f"LanguageModel.{caller}: `tokens` must be integer token ids; got {tokens.dtype}"
             )
-        if not isinstance(tokens, Tracer):
-            outside = (tokens < 0) | (tokens >= self.vocab_size)
-            if bool(jnp.any(outside)):
-                raise ValueError(
-                    f"LanguageModel.{caller}: `tokens` must lie in [0, vocab_size="
-                    f"{self.vocab_size}); got {tokens[outside][:5].tolist()}"
-                )
-        # Under jit an out-of-range id embeds as NaN (no host callback, so the compiled
-        # function stays cacheable) and every logit it reaches is NaN.
-        return jnp.take(self.embedding, tokens, axis=0, mode="fill", fill_value=jnp.nan)
+        if tokens.shape[0] == 0:
+            raise ValueError(
+                f"LanguageModel.{caller}: `tokens` is empty (T = 0); a sequence needs at least one token"
+            )
+        message = f"LanguageModel.{caller}: `tokens` must lie in [0, vocab_size={self.vocab_size})"
+        outside = (tokens < 0) | (tokens >= self.vocab_size)
+        if isinstance(tokens, Tracer):  # under jit: a run-time check (eqx.error_if)
+            tokens = eqx.error_if(tokens, jnp.any(outside), message)
+        elif bool(jnp.any(outside)):
+            raise ValueError(f"{message}; got {tokens[outside][:5].tolist()}")
+        return jnp.take(self.embedding, tokens, axis=0)
 
     def _logits(self, h: Float[Array, "T d_model"]) -> Float[Array, "T vocab"]:
         head = self.embedding if self.head is None else self.head

@@ -115,6 +115,8 @@ def omega_scan(
     """
     T, d_k = q.shape
     d_v = v.shape[1]
+    if T == 0:
+        raise ValueError("omega_scan: `q` is empty (T = 0); a sequence needs at least one token")
     if not isinstance(optimizer, iopt.InnerOptimizer):
         raise TypeError(
             "omega_scan: `optimizer` is an optax.GradientTransformation, not an inner learner; "
@@ -144,6 +146,7 @@ def omega_scan(
         )
     if d_v != memory.d_out:
         raise ValueError(f"omega_scan: `v` has d_v={d_v} but `memory` outputs d_out={memory.d_out}")
+    _check_parts(memory if state is None else state.memory, feature_map, q)
     if gamma is not None and gamma.ndim == 2 and gamma.shape[1] != window:
         raise ValueError(
             f"omega_scan: per-step `gamma` must have shape (T, window) = ({T}, {window}); "
@@ -180,9 +183,7 @@ def omega_scan(
         optimizer, step_factor, theta = equivalent
         if optimizer.uses_momentum:
             constant_momentum = theta
-        if state is not None and jax.tree.structure(state.optimizer_state) != jax.tree.structure(
-            optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))
-        ):
+        if state is not None and not _state_fits(state, optimizer):
             equivalent_name = "momentum()" if optimizer.uses_momentum else "gd()"
             raise ValueError(
                 f"omega_scan: `state` holds another learner's state; method={method!r} runs "
@@ -190,6 +191,15 @@ def omega_scan(
                 f"init_omega_state(memory, optimizers.{equivalent_name}) or a call with the "
                 "same method returns (method='sequential' carries the optax state instead)"
             )
+    elif state is not None and not _state_fits(state, optimizer):
+        held = type(state.optimizer_state).__name__
+        expected = type(optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))).__name__
+        raise ValueError(
+            f"omega_scan: `state` was made for another inner learner: its optimizer_state is "
+            f"a {held}, `optimizer` ({iopt.describe(optimizer)}) keeps a {expected}. Start "
+            "from init_omega_state(memory, optimizer, window), or pass the state a call with "
+            "this optimizer returned"
+        )
     exact = has_exact_form(memory if state is None else state.memory, optimizer, objective)
     if method == "pallas" and not exact:
         check_pallas_supported(
@@ -237,6 +247,33 @@ def omega_scan(
     if method == "pallas":
         return _pallas_scan_jit(state, inputs, rule)
     return _chunked_scan_jit(state, inputs, rule)
+
+
+def _state_fits(state: OmegaState, optimizer: iopt.InnerOptimizer) -> bool:
+    expected = optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))
+    return jax.tree.structure(state.optimizer_state) == jax.tree.structure(expected)
+
+
+def _check_parts(
+    memory: AbstractMemory, feature_map: fm.AbstractFeatureMap, q: Array | np.ndarray
+) -> None:
+    """What the feature map and the memory really return (shapes only, no computation)
+    against what they declare (`out_dim`, `d_out`)."""
+    declared = feature_map.out_dim(q.shape[1])
+    features = jax.eval_shape(feature_map, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    if features.shape != (q.shape[0], declared):
+        raise ValueError(
+            f"omega_scan: `feature_map` ({type(feature_map).__name__}) declares "
+            f"out_dim({q.shape[1]}) = {declared} but maps `q` of shape {q.shape} to "
+            f"{features.shape}; make out_dim agree with __call__"
+        )
+    output = jax.eval_shape(memory, jax.ShapeDtypeStruct((memory.d_in,), q.dtype))
+    if getattr(output, "shape", None) != (memory.d_out,):
+        raise ValueError(
+            f"omega_scan: `memory` ({type(memory).__name__}) declares d_out={memory.d_out} "
+            f"but maps one input of dimension d_in={memory.d_in} to shape "
+            f"{getattr(output, 'shape', type(output).__name__)}; make d_out agree with __call__"
+        )
 
 
 _chunked_scan_jit = eqx.filter_jit(chunked_scan)

@@ -342,6 +342,12 @@ def describe(optimizer: InnerOptimizer) -> str:
     transformation = getattr(update, "keywords", {}).get("transformation")
     if transformation is None:
         function = getattr(update, "func", update)
+        if function is _gd_update:
+            return "optimizers.gd()"
+        if function is _momentum_update:
+            if optimizer.precondition is no_precondition:
+                return f"optimizers.momentum(nesterov={optimizer.nesterov})"
+            return "optimizers.muon()"
         return getattr(function, "__qualname__", type(function).__name__)
     name = getattr(transformation.update, "__qualname__", "transformation").split(".<locals>")[0]
     try:

@@ -276,3 +276,70 @@ def test_muon_per_chunk_rejects_decay_first():
             muon_per_chunk=True,
             decay_first=True,
         )
+
+
+def test_an_empty_sequence_is_named_at_every_entry():
+    x = _inputs()
+    with pytest.raises(ValueError, match=r"`q` is empty \(T = 0\)"):
+        ae.omega_scan(_memory(), *(np.asarray(x[n])[:0] for n in ("q", "k", "v", "lr", "decay")))
+    with pytest.raises(ValueError, match=r"`q` is empty \(T = 0\)"):
+        ae.kernel_memory_scan(np.zeros((0, D)), np.zeros((0, D)), np.zeros((0, D)))
+    key = jax.random.PRNGKey(0)
+    for preset, name in [
+        ("deltanet", "MemoryLayer"),
+        ("deep_transformer", "MemoryLayer"),
+        ("transformer", "AttentionLayer"),
+        ("mag", "MAGLayer"),
+        ("mal", "MALLayer"),
+    ]:
+        layer = getattr(ae.presets, preset)(8, 2, key=key)
+        with pytest.raises(ValueError, match=rf"{name}: `x` is empty \(T = 0\)"):
+            layer(jnp.zeros((0, 8)))
+        with pytest.raises(ValueError, match=rf"{name}: `x` is empty \(T = 0\)"):
+            layer.stream(jnp.zeros((0, 8)), layer.init_state(4))
+
+
+def test_a_state_of_another_learner_is_named():
+    x = _inputs()
+    _, gd_state = ae.omega_scan(_memory(), **x)
+    theta = np.full(T, 0.5)
+    for method in ("sequential", "chunked"):
+        with pytest.raises(ValueError, match="`state` was made for another inner learner.*"):
+            ae.omega_scan(
+                _memory(),
+                **x,
+                momentum=theta,
+                optimizer=iopt.momentum(),
+                state=gd_state,
+                method=method,  # fmt: skip
+            )
+
+
+class _WrongOutDim(fm.AbstractFeatureMap):
+    def __call__(self, x):
+        return jnp.concatenate([x, x * x], axis=-1)
+
+    def out_dim(self, d: int) -> int:
+        return d
+
+
+class _WrongWidth(ae.AbstractMemory):
+    weight: jax.Array
+    d_in: int = eqx.field(static=True)
+    d_out: int = eqx.field(static=True)
+
+    def __init__(self):
+        self.weight = jnp.ones((D + 2, D))
+        self.d_in, self.d_out = D, D
+
+    def __call__(self, x):
+        return self.weight @ x
+
+
+def test_parts_that_misstate_their_dimensions_are_named():
+    x = _inputs()
+    with pytest.raises(ValueError, match=r"`feature_map` \(_WrongOutDim\) declares out_dim\(3\)"):
+        ae.omega_scan(_memory(), **x, feature_map=_WrongOutDim())
+    for method in ("sequential", "chunked"):
+        with pytest.raises(ValueError, match=r"`memory` \(_WrongWidth\) declares d_out=3.*\(5,\)"):
+            ae.omega_scan(_WrongWidth(), **x, method=method)
