@@ -279,9 +279,8 @@ def test_muon_per_chunk_rejects_decay_first():
 
 
 def test_an_empty_sequence_is_named_at_every_entry():
-    x = _inputs()
     with pytest.raises(ValueError, match=r"`q` is empty \(T = 0\)"):
-        ae.omega_scan(_memory(), *(np.asarray(x[n])[:0] for n in ("q", "k", "v", "lr", "decay")))
+        _call(**{name: value[:0] for name, value in _inputs().items()})
     with pytest.raises(ValueError, match=r"`q` is empty \(T = 0\)"):
         ae.kernel_memory_scan(np.zeros((0, D)), np.zeros((0, D)), np.zeros((0, D)))
     key = jax.random.PRNGKey(0)
@@ -300,19 +299,11 @@ def test_an_empty_sequence_is_named_at_every_entry():
 
 
 def test_a_state_of_another_learner_is_named():
-    x = _inputs()
-    _, gd_state = ae.omega_scan(_memory(), **x)
+    _, gd_state = _call()
     theta = np.full(T, 0.5)
     for method in ("sequential", "chunked"):
-        with pytest.raises(ValueError, match="`state` was made for another inner learner.*"):
-            ae.omega_scan(
-                _memory(),
-                **x,
-                momentum=theta,
-                optimizer=iopt.momentum(),
-                state=gd_state,
-                method=method,  # fmt: skip
-            )
+        with pytest.raises(ValueError, match="`state` was made for another inner learner"):
+            _call(momentum=theta, optimizer=iopt.momentum(), state=gd_state, method=method)
 
 
 class _WrongOutDim(fm.AbstractFeatureMap):
@@ -337,9 +328,8 @@ class _WrongWidth(ae.AbstractMemory):
 
 
 def test_parts_that_misstate_their_dimensions_are_named():
-    x = _inputs()
     with pytest.raises(ValueError, match=r"`feature_map` \(_WrongOutDim\) declares out_dim\(3\)"):
-        ae.omega_scan(_memory(), **x, feature_map=_WrongOutDim())
+        _call(feature_map=_WrongOutDim())
     for method in ("sequential", "chunked"):
         with pytest.raises(ValueError, match=r"`memory` \(_WrongWidth\) declares d_out=3.*\(5,\)"):
-            ae.omega_scan(_WrongWidth(), **x, method=method)
+            _call(memory=_WrongWidth(), method=method)
