@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="atlas-eqx",
         description="ATLAS and its family of test-time memories in JAX.",
+        epilog="--debug (anywhere on the line) shows the traceback of an error.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -546,6 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user error (a bad value, a missing or corrupt file, a diverged run)
+    prints one line and returns 1; `--debug` anywhere on the line shows its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [word for word in argv if word != "--debug"]
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    args.argv = argv
+    try:
+        return args.run(args)
+    except (ValueError, OSError, FloatingPointError) as error:
+        if debug:
+            raise
+        print(f"atlas-eqx {args.command}: error: {error} (--debug shows where)", file=sys.stderr)
+        return 1

@@ -63,7 +63,15 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     names = {field.name: field for field in dataclasses.fields(cls)}  # pyright: ignore
     values: dict[str, Any] = {}
     if getattr(args, "config", None) is not None:
-        loaded = json.loads(pathlib.Path(args.config).read_text())
+        path = pathlib.Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"--config {path}: no such file")
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--config {path} is not valid JSON: {error}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"--config {path} must hold a JSON object of config fields")
         unknown = sorted(set(loaded) - set(names))
         if unknown:
             raise SystemExit(

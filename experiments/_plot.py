@@ -36,14 +36,28 @@ def plot_metrics(
     if plt is None:
         raise SystemExit("atlas-eqx plot needs matplotlib: pip install 'atlas-eqx[plot]'")
     figure, axis = plt.subplots(figsize=(6, 4))
+    plotted = 0
     for path in paths:
-        records = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise SystemExit(f"atlas-eqx plot: {path}: no such file")
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"atlas-eqx plot: {path} is not JSON lines ({error})") from None
         steps = [r["step"] for r in records if key in r]
+        plotted += len(steps) + sum(key in r.get("eval", {}) for r in records)
         if steps:
             axis.plot(steps, [r[key] for r in records if key in r], label=f"{path} (train)")
         evals = [(r["step"], r["eval"][key]) for r in records if key in r.get("eval", {})]
         if evals:
             axis.plot(*zip(*evals, strict=True), marker="o", label=f"{path} (eval)")
+    if not plotted:
+        plt.close(figure)
+        raise SystemExit(
+            f"atlas-eqx plot: no record with {key!r} in {', '.join(map(str, paths))}; "
+            "nothing to plot"
+        )
     axis.set_xlabel("step")
     axis.set_ylabel(key)
     axis.grid(alpha=0.3)

@@ -69,9 +69,18 @@ class TrainConfig:
                 f"unknown `preset` {self.preset!r}; choose from {sorted(names)} or name a "
                 "mixer factory by import path, 'package.module:factory'"
             )
-        for name in ("d_model", "n_layers", "n_heads", "chunk_size", "window", "seq_len"):
+        at_least_one = ("d_model", "n_layers", "n_heads", "chunk_size", "window", "seq_len")
+        at_least_one += ("num_kv_pairs", "vocab_size", "num_train", "num_test", "steps")
+        at_least_one += ("batch_size",)
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1; got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0; got {getattr(self, name)}")
+        for name in ("lr", "clip_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0; got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"impossible dims: `d_model`={self.d_model} is not divisible by "
@@ -199,12 +208,32 @@ def training_mesh(config: TrainConfig) -> Mesh | None:
         raise SystemExit(f"--mesh {config.mesh}: {error}") from None
 
 
-def _same_run(saved: dict[str, Any], config: TrainConfig) -> bool:
-    """The mesh is not part of the computed function: a run may resume on another mesh."""
+# Fields a run may change when it resumes: where and how it runs, how often it reports, and
+# `steps` (extending a run; the learning-rate schedule is then the one for the new total).
+_RESUMABLE_CHANGES = ("mesh", "out_dir", "eval_every", "checkpoint_every", "steps")
+
+
+def _check_same_run(out: pathlib.Path, saved_path: pathlib.Path, config: TrainConfig) -> None:
+    """Refuse to resume a run directory under a config that computes something else, naming
+    every differing field."""
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"{saved_path} is not valid JSON ({error}); delete it to start the run afresh"
+        ) from None
     current = dataclasses.asdict(config)
-    return {k: v for k, v in saved.items() if k != "mesh"} == {
-        k: v for k, v in current.items() if k != "mesh"
-    }
+    differing = sorted(
+        name
+        for name in set(saved) | set(current)
+        if name not in _RESUMABLE_CHANGES and saved.get(name) != current.get(name)
+    )
+    if differing:
+        changes = ", ".join(f"{n}: {saved.get(n)!r} -> {current.get(n)!r}" for n in differing)
+        raise SystemExit(
+            f"{out} holds a run with another config ({changes}); use a new --out-dir, or "
+            f"delete {out / 'checkpoint.eqx'} to start it again with this config"
+        )
 
 
 def run_training(
@@ -216,23 +245,26 @@ def run_training(
     the heads over the heads axis (`atlas_eqx.parameter_shardings`)."""
     out = pathlib.Path(config.out_dir)
     mesh = training_mesh(config)
-    out.mkdir(parents=True, exist_ok=True)
     saved = out / "config.json"
-    if saved.exists() and not _same_run(json.loads(saved.read_text()), config):
-        raise SystemExit(
-            f"{out} holds a run with another config; use a new --out-dir or delete {saved}"
-        )
-    save_config(config, saved)
+    checkpoint = out / "checkpoint.eqx"
+    # A directory without a checkpoint holds no training to lose (a run that failed before
+    # its first checkpoint): a new config replaces the old one.
+    if saved.exists() and checkpoint.exists():
+        _check_same_run(out, saved, config)
+    # Everything the run needs is built before the directory is written.
     batch_fn, eval_batches = task_data(config)
+    model = build_language_model(config)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
     result = train(
-        build_language_model(config),
+        model,
         batch_fn,
         steps=config.steps,
         optim=_optim(config),
         eval_fn=lambda model: evaluate(model, eval_batches),
         eval_every=config.eval_every,
         log_path=out / "metrics.jsonl",
-        checkpoint_path=out / "checkpoint.eqx",
+        checkpoint_path=checkpoint,
         checkpoint_every=config.checkpoint_every,
         progress=progress,
         description=f"{config.preset}/{config.task}",
@@ -248,7 +280,17 @@ def run_training(
 def run_evaluation(run_dir: pathlib.Path | str) -> dict[str, float]:
     """Rebuild the model of a run directory, load its checkpoint, evaluate it."""
     run_dir = pathlib.Path(run_dir)
-    config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        raise SystemExit(f"{run_dir} is not a run directory: {saved} does not exist")
+    if not (run_dir / "checkpoint.eqx").exists():
+        raise SystemExit(f"{run_dir} holds no checkpoint yet (checkpoint.eqx); train it first")
+    try:
+        config = TrainConfig(**json.loads(saved.read_text()))
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{saved} is not valid JSON ({error})") from None
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"{saved} is not a valid TrainConfig: {error}") from None
     model = build_language_model(config)
     optimizer = make_optimizer(_optim(config), config.steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))

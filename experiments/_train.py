@@ -8,7 +8,10 @@ parameters match bit for bit.
 
 import dataclasses
 import functools
+import hashlib
+import io
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable
@@ -203,25 +206,71 @@ def evaluate(model: Callable, batches: Iterable[Batch]) -> dict[str, float]:
     )
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back: the message names the file and how to
+    recover."""
+
+
 def save_checkpoint(path: pathlib.Path | str, model: PyTree, opt_state: PyTree, step: int) -> None:
-    """Write the model and optimizer state (equinox serialisation) and the step, atomically."""
+    """Write the model and optimizer state (equinox serialisation) and the step, atomically:
+    a temporary file in the same directory, flushed to disk (`fsync`), then renamed over
+    `path`. The header line holds the step and the SHA-256 of the payload."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    payload = io.BytesIO()
+    eqx.tree_serialise_leaves(payload, (model, opt_state))
+    data = payload.getvalue()
+    header = {"step": step, "sha256": hashlib.sha256(data).hexdigest()}
     temporary = path.with_suffix(path.suffix + ".tmp")
     with open(temporary, "wb") as file:
-        file.write(json.dumps({"step": step}).encode() + b"\n")
-        eqx.tree_serialise_leaves(file, (model, opt_state))
+        file.write(json.dumps(header).encode() + b"\n")
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
     temporary.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load_checkpoint(
     path: pathlib.Path | str, model_like: PyTree, opt_state_like: PyTree
 ) -> tuple[PyTree, PyTree, int]:
-    """Read a checkpoint written by `save_checkpoint` into the structure of the `*_like` trees."""
-    with open(path, "rb") as file:
-        header = json.loads(file.readline())
-        model, opt_state = eqx.tree_deserialise_leaves(file, (model_like, opt_state_like))
-    return model, opt_state, int(header["step"])
+    """Read a checkpoint written by `save_checkpoint` into the structure of the `*_like` trees.
+    A file that is empty, truncated, altered or of another model is a `CheckpointError`
+    naming it."""
+    path = pathlib.Path(path)
+    recover = (
+        f"delete {path} to restart the run from step 0, or restore it from a copy (a run "
+        "directory is resumed from its checkpoint)"
+    )
+    raw = path.read_bytes()
+    header_line, _, data = raw.partition(b"\n")
+    try:
+        header = json.loads(header_line)
+        step = int(header["step"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(
+            f"{path} is not a checkpoint (empty, truncated or another file: no header line "
+            f"with the step); {recover}"
+        ) from None
+    if "sha256" in header and hashlib.sha256(data).hexdigest() != header["sha256"]:
+        raise CheckpointError(
+            f"{path} is corrupt: its content does not match its SHA-256 (truncated or altered "
+            f"after it was written); {recover}"
+        )
+    try:
+        model, opt_state = eqx.tree_deserialise_leaves(
+            io.BytesIO(data), (model_like, opt_state_like)
+        )
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} does not hold this model ({type(error).__name__}: {error}); it was "
+            f"written for another configuration or is damaged; {recover}"
+        ) from None
+    return model, opt_state, step
 
 
 class TrainingDiverged(FloatingPointError):
@@ -281,6 +330,11 @@ def train(
     start = 0
     if checkpoint_path is not None and resume and pathlib.Path(checkpoint_path).exists():
         model, opt_state, start = load_checkpoint(checkpoint_path, model, opt_state)
+        if start > steps:
+            raise ValueError(
+                f"train: {checkpoint_path} is at step {start}, beyond `steps`={steps}; pass "
+                f"steps >= {start} to resume or extend it"
+            )
     if mesh is not None:
         model, opt_state = shard_training_state(model, opt_state, optimizer, mesh)
     step_fn = make_train_step(optim, steps, mesh)
@@ -303,11 +357,18 @@ def train(
         evaluations.append(dict(step=step, **metrics))
         write(dict(step=step, eval=metrics))
 
+    # Updated by hand: tqdm's iterator writes its counter back only when it redraws, so a
+    # postfix refreshed every step showed a stale count (10/30 while the loss moved on).
     bar = tqdm(
-        range(start, end), desc=description, disable=not progress, leave=False, dynamic_ncols=True
+        total=steps,
+        initial=start,
+        desc=description,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
     )
     try:
-        for step in bar:
+        for step in range(start, end):
             inputs, targets = batch_fn(step)
             if mesh is None:
                 inputs, targets = jnp.asarray(inputs), jnp.asarray(targets)
@@ -332,8 +393,11 @@ def train(
             history.append(record)
             write(record)
             bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}"
+                loss=f"{metrics['loss']:.3f}",
+                tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                refresh=False,
             )
+            bar.update(1)
             done = step + 1
             if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0:
                 save_checkpoint(checkpoint_path, model, opt_state, done)

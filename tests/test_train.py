@@ -158,7 +158,20 @@ def test_bad_optim_config_names_the_field():
 
 
 def test_a_non_finite_loss_stops_training_with_a_clear_error():
-    """Under jit an out-of-range token embeds as NaN; the loop must not train on silently."""
+    """A model whose loss is NaN (here a NaN embedding row) must not train on silently; an
+    out-of-range token is an error under jit before it reaches the loss."""
+    model = _model()
+    poisoned = eqx.tree_at(lambda m: m.embedding, model, model.embedding.at[0].set(jnp.nan))
+
+    def zero_first(step: int):
+        inputs, targets = _batch_fn(step)
+        inputs = inputs.copy()
+        inputs[0, 0] = 0
+        return inputs, targets
+
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 1") as raised:
+        train(poisoned, zero_first, steps=2, progress=False)
+    assert raised.value.step == 1
 
     def bad_batch(step: int):
         inputs, targets = _batch_fn(step)
@@ -166,6 +179,5 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
         inputs[0, 0] = VOCAB + 3
         return inputs, targets
 
-    with pytest.raises(TrainingDiverged, match="loss is nan at step 1") as raised:
-        train(_model(), bad_batch, steps=2, progress=False)
-    assert raised.value.step == 1
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"must lie in \[0, vocab_size"):
+        train(model, bad_batch, steps=2, progress=False)
