@@ -287,6 +287,20 @@ def test_i1_i2_chunked_equals_sequential(data):
     assert_tree_close(state_chk, state_seq)
 
 
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize("kind", MEMORIES)
+def test_i1_every_memory_and_learner_over_several_chunks(kind, opt):
+    """A forced grid beside the drawn one: every (memory, learner) pair over T = 11 with b = 3
+    (four chunks, the last padded), so each chunk starts from the momentum and window the
+    previous one carried; token gates, window 2."""
+    memory, x = setup(kind, opt, 2, "token", "identity", 7, 11)
+    kw = dict(optimizer=OPTIMIZERS[opt], window=2, chunk_size=3)
+    y_seq, state_seq = run(memory, x, method="sequential", **kw)
+    y_chk, state_chk = run(memory, x, method="chunked", **kw)
+    assert_tree_close(y_chk, y_seq)
+    assert_tree_close(state_chk, state_seq)
+
+
 # --------------------------------------------------------------------------------------------
 # I-5: the dual forms are taken, and equal the materialised per-position weights
 # --------------------------------------------------------------------------------------------
