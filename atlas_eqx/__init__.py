@@ -10,6 +10,10 @@ from ._attention import (
     causal_attention as causal_attention,
     rope as rope,
 )
+from ._diagnostics import (
+    diagnose_scan as diagnose_scan,
+    DivergenceReport as DivergenceReport,
+)
 from ._hybrid import (
     HybridState as HybridState,
     MAGLayer as MAGLayer,

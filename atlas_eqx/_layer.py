@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, Scalar
 import feature_maps as fm
 import optimizers as iopt
 
+from ._diagnostics import diagnose_scan, DivergenceReport
 from ._import_path import is_import_path, resolve_import_path
 from ._kernel import init_kernel_memory_state, kernel_memory_scan, kernel_memory_stream
 from ._memory import AbstractMemory, GatedMLPMemory, LinearMemory, MLPMemory, sampled_curvature
@@ -1011,6 +1012,48 @@ class MemoryLayer(AbstractMixer):
         inputs, _ = self._inputs(x, self._empty_conv(x.dtype))
         y, _ = self.run_memory(inputs)
         return self.combine_heads(x, y)
+
+    def diagnose(self, x: Float[Array, "T d_model"]) -> DivergenceReport:
+        """The divergence diagnostic (`atlas_eqx.diagnose_scan`) of every head's memory on the
+        sequence `x`, stacked over heads: the first non-finite step and the growth of the
+        fast weights. Opt-in and slower than `__call__`; parametric memories only."""
+        c = self.config
+        if self.memory is None:
+            raise ValueError("MemoryLayer.diagnose: memory='kernel' has no fast weights")
+        self._check_input(x)
+        i = self.memory_inputs(x)
+        optimizer = c.inner_optimizer()
+        objective = c.objective_function()
+
+        def head(memory, feature_map, q, k, v, lr, decay, momentum, gamma):
+            return diagnose_scan(
+                memory,
+                q,
+                k,
+                v,
+                lr,
+                decay,
+                momentum,
+                gamma,
+                feature_map=feature_map,
+                objective=objective,
+                optimizer=optimizer,
+                window=c.window,
+                chunk_size=c.chunk_size,
+                decay_first=c.decay_first,
+            )
+
+        return eqx.filter_vmap(head)(
+            self._initial_memory(),
+            self.feature_map,
+            i.q,
+            i.k,
+            i.v,
+            i.lr,
+            i.decay,
+            i.momentum,
+            i.gamma,
+        )
 
     def _check_input(self, x: Array) -> None:
         if x.ndim != 2 or x.shape[1] != self.d_model:
