@@ -184,7 +184,7 @@ def test_i36_batched_ns_equals_loop(seed, shape):
 @given(seed=SEEDS, shape=st.sampled_from(BIG_SHAPES))
 def test_i36_float32_close_to_float64(seed, shape):
     # Measured at most 9.6e-7 on CPU over 20 seeds x these shapes; 1e-5 leaves a margin of 10.
-    # (TF32 matmuls on a GPU would need the digest's 1e-2; this suite runs on CPU.)
+    # (TF32 matmuls on a GPU would need 1e-2; this suite runs on CPU.)
     G = _gaussian(seed, shape)
     X32 = np.asarray(_ns(G.astype(np.float32)), np.float64)
     np.testing.assert_allclose(X32, _ns(G), rtol=0, atol=1e-5)
@@ -554,3 +554,21 @@ def test_same_factory_arguments_reuse_compiled_code():
     apply(Holder(optimizers.muon()), params, grads)
     apply(Holder(optimizers.muon()), params, grads)
     assert len(static_traces) == 1
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_i34_square_matrices_with_tiny_singular_values_need_eight_steps(n):
+    """Square G with singular values from 1e-4 to 1 (below 1e-4 of its Frobenius norm at the
+    small end): 5 and 7 steps leave the smallest below the band, 8 bring every one into
+    [0.6, 1.25]."""
+    rng = np.random.default_rng(n)
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    G = U @ np.diag(np.logspace(-4, 0, n)) @ V.T
+    smallest = {}
+    for steps in (5, 7, 8):
+        singular = np.linalg.svd(np.asarray(_ns(G, steps=steps)), compute_uv=False)
+        smallest[steps] = singular.min()
+        if steps == 8:
+            assert 0.6 <= singular.min() and singular.max() <= 1.25
+    assert smallest[5] < smallest[7] < 0.6
