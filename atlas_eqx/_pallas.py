@@ -556,6 +556,13 @@ def pallas_scan(
         state.memory, rule.optimizer, rule.objective, decay_first=rule.decay_first, backend=backend
     )
     forward = functools.partial(_forward, rule=rule, backend=backend)
+    reference = functools.partial(chunked_scan, rule=rule)
+    return _with_reference_gradient(forward, reference, state, inputs)
+
+
+def _with_reference_gradient(forward, reference, state: OmegaState, inputs: ScanInputs):
+    """`forward(state, inputs)` (a Pallas kernel) whose gradient is that of `reference`, the XLA
+    form of the same function, through a `jax.custom_vjp`."""
 
     @jax.custom_vjp
     def scan(state, inputs):
@@ -565,7 +572,7 @@ def pallas_scan(
         return forward(state, inputs), (state, inputs)
 
     def scan_bwd(arguments, cotangents):
-        _, vjp = jax.vjp(functools.partial(chunked_scan, rule=rule), *arguments)
+        _, vjp = jax.vjp(reference, *arguments)
         return vjp(cotangents)
 
     scan.defvjp(scan_fwd, scan_bwd)
@@ -664,17 +671,5 @@ def exact_pallas_scan(
     """
     backend = resolve_backend(backend)
     forward = functools.partial(_exact_forward, rule=rule, backend=backend)
-
-    @jax.custom_vjp
-    def scan(state, inputs):
-        return forward(state, inputs)
-
-    def scan_fwd(state, inputs):
-        return forward(state, inputs), (state, inputs)
-
-    def scan_bwd(arguments, cotangents):
-        _, vjp = jax.vjp(functools.partial(exact_linear_scan, rule=rule), *arguments)
-        return vjp(cotangents)
-
-    scan.defvjp(scan_fwd, scan_bwd)
-    return scan(state, inputs)
+    reference = functools.partial(exact_linear_scan, rule=rule)
+    return _with_reference_gradient(forward, reference, state, inputs)
