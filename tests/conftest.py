@@ -33,19 +33,23 @@ def _mappings() -> int:
         return sum(1 for _ in maps)
 
 
+def _drop_compiled_programs() -> None:
+    jax.effects_barrier()  # nothing still running may need a program about to be dropped
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs_after_each_module():
     yield
-    jax.clear_caches()
-    gc.collect()
+    _drop_compiled_programs()
 
 
 @pytest.fixture(autouse=True)
 def _drop_compiled_programs_near_the_mapping_limit():
     yield
     if _MAPS.exists() and _mappings() > _MAX_MAPPINGS:
-        jax.clear_caches()
-        gc.collect()
+        _drop_compiled_programs()
 
 
 settings.register_profile(
