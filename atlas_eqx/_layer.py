@@ -114,9 +114,8 @@ class MemoryLayerConfig:
     - `optimizer`: `"gd"`, `"momentum"` ($S_t = \theta_tS_{t-1} + g_t$), `"muon"`, or an
       `optimizers.InnerOptimizer` (for example `optimizers.from_optax(optax.adam(1e-2))`; a
       bare optax transformation is an error that says to wrap it). An import path may also
-      name a callable that returns one. `from_optax` learners other than `optax.sgd` and
-      `optax.trace` need `method="sequential"` (see `optimizers.from_optax`). An object learner reads
-      $\theta_t$ when its `uses_momentum` is set; its $\eta_t$ is divided by the curvature
+      name a callable that returns one. An object learner reads $\theta_t$ when its
+      `uses_momentum` is set; its $\eta_t$ is divided by the curvature
       (`lr_normalization`) and scaled by $1-\theta_t$ (`lr_momentum_scaling`) only when its
       step is proportional to the momentum (`precondition` is `optimizers.no_precondition`),
       as for the built-in GD and momentum.
