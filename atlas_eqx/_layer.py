@@ -519,18 +519,28 @@ def _load(name: str, value: Any) -> Any:
     return value
 
 
+def _name_or_callable(name: str, value: Any, choices: tuple[str, ...], expected: str) -> Any:
+    """The built-in name in `choices`, or the callable `value` names or is."""
+    loaded = _load(name, value)
+    if isinstance(loaded, str):
+        _check_choice(name, loaded, choices)
+        return loaded
+    if not callable(loaded):
+        raise ValueError(
+            f"MemoryLayerConfig: `{name}` must be one of {choices}, an import path, or "
+            f"{expected}; got {value!r}"
+        )
+    return loaded
+
+
 def _resolve_parts(config: "MemoryLayerConfig") -> dict[str, Any]:
     """The objects behind `memory`, `feature_map`, `objective` and `optimizer` (`None` for a
     built-in name built on demand), resolving import paths and checking every kind."""
-    memory = _load("memory", config.memory)
+    memory = _name_or_callable(
+        "memory", config.memory, _MEMORIES, "a factory (d_in, d_out, *, key) -> AbstractMemory"
+    )
     if isinstance(memory, str):
-        _check_choice("memory", memory, _MEMORIES)
-        memory = None
-    elif not callable(memory):
-        raise ValueError(
-            f"MemoryLayerConfig: `memory` must be one of {_MEMORIES}, an import path, or a "
-            f"factory (d_in, d_out, *, key) -> AbstractMemory; got {config.memory!r}"
-        )
+        memory = None  # built on demand by `make_memory`
 
     feature_map = _load("feature_map", config.feature_map)
     if isinstance(feature_map, str):
@@ -546,15 +556,14 @@ def _resolve_parts(config: "MemoryLayerConfig") -> dict[str, Any]:
                 f"{config.feature_map!r}"
             )
 
-    objective = _load("objective", config.objective)
+    objective = _name_or_callable(
+        "objective",
+        config.objective,
+        tuple(_OBJECTIVES),
+        "a callable (prediction, target) -> scalar",
+    )
     if isinstance(objective, str):
-        _check_choice("objective", objective, tuple(_OBJECTIVES))
         objective = _OBJECTIVES[objective]
-    elif not callable(objective):
-        raise ValueError(
-            f"MemoryLayerConfig: `objective` must be one of {tuple(_OBJECTIVES)}, an import "
-            f"path, or a callable (prediction, target) -> scalar; got {config.objective!r}"
-        )
 
     optimizer = _load("optimizer", config.optimizer)
     if isinstance(optimizer, str):
