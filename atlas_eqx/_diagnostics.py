@@ -50,6 +50,20 @@ def _frobenius(memory: AbstractMemory) -> Float[Array, ""]:
     return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
 
 
+@eqx.filter_jit
+def _scan_chunks(memory: AbstractMemory, pieces: tuple, options: dict):
+    """The sequential scan over chunk-shaped pieces, carrying the state; the reads and
+    ||W||_F after each piece."""
+
+    def body(state, piece):
+        y, state = omega_scan(memory, *piece, **options, state=state, method="sequential")
+        return state, (y, _frobenius(state.memory))
+
+    initial = init_omega_state(memory, options["optimizer"], options["window"])
+    _, (ys, norms) = jax.lax.scan(body, initial, pieces)
+    return ys, norms
+
+
 def diagnose_scan(
     memory: AbstractMemory,
     q: Float[Array | np.ndarray, "T d_k"],
@@ -98,17 +112,7 @@ def diagnose_scan(
         decay_first=decay_first,
     )
 
-    @eqx.filter_jit
-    def run(memory, pieces):
-        def body(state, piece):
-            y, state = omega_scan(memory, *piece, **options, state=state, method="sequential")
-            return state, (y, _frobenius(state.memory))
-
-        initial = init_omega_state(memory, optimizer, window)
-        _, (ys, norms) = jax.lax.scan(body, initial, pieces)
-        return ys, norms
-
-    ys, norms = run(memory, tuple(pieces))
+    ys, norms = _scan_chunks(memory, tuple(pieces), options)
     outputs = ys.reshape((padded, -1))[:T]
     chunk_ends = jnp.minimum((jnp.arange(n_chunks) + 1) * chunk_size, T)
     initial_norm = _frobenius(memory)
