@@ -409,6 +409,17 @@ class MemoryLayerConfig:
         opaque = optimizer.precondition is None and iopt.linear_equivalent(optimizer) is None
         return "sequential" if opaque else self.method
 
+    def rule_options(self) -> dict[str, Any]:
+        """The `omega_scan` keywords that define each head's model (speed settings aside):
+        objective, inner learner, window, chunk size and retention order."""
+        return dict(
+            objective=self.objective_function(),
+            optimizer=self.inner_optimizer(),
+            window=self.window,
+            chunk_size=self.chunk_size,
+            decay_first=self.decay_first,
+        )
+
     def objective_function(self) -> Objective:
         """The attentional bias named by `objective`."""
         return self.__dict__["_parts"]["objective"]
@@ -940,8 +951,7 @@ class MemoryLayer(AbstractMixer):
             return jax.vmap(stream)(i.q, i.k, i.v, i.lr, i.decay, state)
         if state is None:
             state = self.initial_memory_state()
-        optimizer = c.inner_optimizer()
-        objective = c.objective_function()
+        rule = c.rule_options()
 
         def head(feature_map, q, k, v, lr, decay, momentum, gamma, head_state):
             return omega_scan(
@@ -954,14 +964,10 @@ class MemoryLayer(AbstractMixer):
                 momentum,
                 gamma,
                 feature_map=feature_map,
-                objective=objective,
-                optimizer=optimizer,
-                window=c.window,
-                chunk_size=c.chunk_size,
+                **rule,
                 method=c.scan_method,  # pyright: ignore[reportArgumentType]
                 block_size=c.block_size,
                 state=head_state,
-                decay_first=c.decay_first,
                 muon_per_chunk=c.muon_per_chunk,
                 check_values=False,
             )
@@ -1030,25 +1036,11 @@ class MemoryLayer(AbstractMixer):
             raise ValueError("MemoryLayer.diagnose: memory='kernel' has no fast weights")
         self._check_input(x)
         i = self.memory_inputs(x)
-        optimizer = c.inner_optimizer()
-        objective = c.objective_function()
+        rule = c.rule_options()
 
         def head(memory, feature_map, q, k, v, lr, decay, momentum, gamma):
             return diagnose_scan(
-                memory,
-                q,
-                k,
-                v,
-                lr,
-                decay,
-                momentum,
-                gamma,
-                feature_map=feature_map,
-                objective=objective,
-                optimizer=optimizer,
-                window=c.window,
-                chunk_size=c.chunk_size,
-                decay_first=c.decay_first,
+                memory, q, k, v, lr, decay, momentum, gamma, feature_map=feature_map, **rule
             )
 
         return eqx.filter_vmap(head)(

@@ -193,7 +193,7 @@ def omega_scan(
             )
     elif state is not None and not _state_fits(state, optimizer):
         held = type(state.optimizer_state).__name__
-        expected = type(optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))).__name__
+        expected = type(_fresh_optimizer_state(state, optimizer)).__name__
         raise ValueError(
             f"omega_scan: `state` was made for another inner learner: its optimizer_state is "
             f"a {held}, `optimizer` ({iopt.describe(optimizer)}) keeps a {expected}. Start "
@@ -249,8 +249,13 @@ def omega_scan(
     return _chunked_scan_jit(state, inputs, rule)
 
 
+def _fresh_optimizer_state(state: OmegaState, optimizer: iopt.InnerOptimizer):
+    """The structure `optimizer.init` gives for `state`'s weights, without allocating it."""
+    return jax.eval_shape(optimizer.init, eqx.filter(state.memory, eqx.is_inexact_array))
+
+
 def _state_fits(state: OmegaState, optimizer: iopt.InnerOptimizer) -> bool:
-    expected = optimizer.init(eqx.filter(state.memory, eqx.is_inexact_array))
+    expected = _fresh_optimizer_state(state, optimizer)
     return jax.tree.structure(state.optimizer_state) == jax.tree.structure(expected)
 
 
