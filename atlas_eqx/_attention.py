@@ -6,6 +6,9 @@ $$\mathrm{Attn}(Q, K, V)_t = \sum_{i\in\mathcal V(t)}
 \qquad \mathcal V(t) = \{i : t - w < i \le t\}$$
 
 (ATLAS Eq 17-18 for the window $w$; $w = \infty$ is causal attention).
+
+Optionally (`conv_size` $= K > 0$) the projected q, k and v pass through the same causal
+depthwise convolution as a memory layer's (`causal_depthwise_conv`, Titans §4.4), before RoPE.
 """
 
 import math
@@ -17,6 +20,7 @@ import numpy as np
 from beartype import beartype
 from jaxtyping import Array, Bool, Float, Int, jaxtyped, PRNGKeyArray
 
+from ._layer import causal_depthwise_conv
 from ._mixer import AbstractMixer
 
 
@@ -131,6 +135,8 @@ class AttentionState(eqx.Module):
     - `keys` (RoPE already applied), `values`: `(slots, heads, head_dim)`.
     - `positions`: the absolute position of each slot's token, `-1` for an empty slot.
     - `count`: tokens streamed so far (the next token's position).
+    - `conv`: the last `conv_size - 1` projected (pre-convolution) q, k, v rows, oldest first,
+      `(conv_size - 1, 3 * heads * head_dim)` (no rows without a convolution).
 
     Without a window there is one slot per position (`max_length` slots). With a window $w$ it
     is a ring buffer of $\min(w, \text{max\_length})$ slots (position $n$ in slot
@@ -141,6 +147,7 @@ class AttentionState(eqx.Module):
     values: Float[Array, "slots heads head_dim"]
     positions: Int[Array, " slots"]
     count: Int[Array, ""]
+    conv: Float[Array, "history channels"]
 
 
 class AttentionLayer(AbstractMixer):
@@ -158,6 +165,11 @@ class AttentionLayer(AbstractMixer):
     to every position, whatever the window. They carry **no position**: RoPE is applied to
     neither side of their logits ($q^\top W_Kp_j$ with the unrotated query, equivalently both
     rotated by the query's own position), so they act the same at every position.
+
+    Short convolution (`conv_size` $= K$): with $K > 0$, $q, k, v$ above are replaced by
+    $\mathrm{conv}_K(xW_Q), \mathrm{conv}_K(xW_K), \mathrm{conv}_K(xW_V)$, the causal depthwise
+    convolution every memory layer applies after its projections (no SiLU), and RoPE is applied
+    after it. $K = 0$ (the default) is the Llama layer.
     """
 
     wq: eqx.nn.Linear
@@ -165,12 +177,14 @@ class AttentionLayer(AbstractMixer):
     wv: eqx.nn.Linear
     wo: eqx.nn.Linear
     persistent: Float[Array, "n_persistent d_model"] | None
+    conv_weight: Float[Array, "channels K"] | None
     d_model: int = eqx.field(static=True)
     n_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     window: int | None = eqx.field(static=True)
     n_persistent: int = eqx.field(static=True)
     rope_base: float = eqx.field(static=True)
+    conv_size: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -182,6 +196,7 @@ class AttentionLayer(AbstractMixer):
         window: int | None = None,
         n_persistent: int = 0,
         rope_base: float = 10000.0,
+        conv_size: int = 0,
         dtype: jnp.dtype | type | None = None,
     ):
         r"""**Arguments:**
@@ -192,6 +207,9 @@ class AttentionLayer(AbstractMixer):
         - `window`: the sliding window $w \ge 1$, or `None` for full causal attention.
         - `n_persistent`: $N_p \ge 0$ learned persistent tokens, initialised $\mathcal N(0, 1)$.
         - `rope_base`: the RoPE base (10000 in Llama).
+        - `conv_size`: kernel $K \ge 0$ of the causal depthwise convolution on the projected
+          q, k, v (0: none, the Llama layer); weights initialised $U(\pm 1/\sqrt K)$ as a
+          memory layer's.
         - `dtype`: parameter dtype (default JAX's default float).
         """
         for name, n in (("d_model", d_model), ("n_heads", n_heads)):
@@ -222,6 +240,10 @@ class AttentionLayer(AbstractMixer):
             raise ValueError(
                 f"AttentionLayer: `rope_base` must be a finite number > 1; got {rope_base!r}"
             )
+        if not isinstance(conv_size, int) or isinstance(conv_size, bool) or conv_size < 0:
+            raise ValueError(
+                f"AttentionLayer: `conv_size` must be an integer >= 0; got {conv_size!r}"
+            )
         kq, kk, kv, ko, kp = jax.random.split(key, 5)
         width = n_heads * head_dim
         self.wq = eqx.nn.Linear(d_model, width, use_bias=False, key=kq, dtype=dtype)
@@ -237,17 +259,40 @@ class AttentionLayer(AbstractMixer):
         self.window = window
         self.n_persistent = n_persistent
         self.rope_base = float(rope_base)
+        self.conv_size = conv_size
+        if conv_size:
+            bound = 1.0 / math.sqrt(conv_size)
+            self.conv_weight = jax.random.uniform(
+                jax.random.fold_in(key, 1),
+                (3 * width, conv_size),
+                dtype or float,
+                minval=-bound,
+                maxval=bound,
+            )
+        else:
+            self.conv_weight = None
 
     def _project(
         self, linear: eqx.nn.Linear, x: Float[Array, "T d_model"]
     ) -> Float[Array, "T heads head_dim"]:
         return jax.vmap(linear)(x).reshape(x.shape[0], self.n_heads, self.head_dim)
 
-    def _qkv(self, x: Float[Array, "T d_model"], positions: Int[Array, " T"]):
-        q = self._project(self.wq, x)
-        k = self._project(self.wk, x)
-        v = self._project(self.wv, x)
-        return q, rope(q, positions, self.rope_base), rope(k, positions, self.rope_base), v
+    def _empty_conv(self, dtype) -> Float[Array, "history channels"]:
+        return jnp.zeros((max(self.conv_size - 1, 0), 3 * self.n_heads * self.head_dim), dtype)
+
+    def _qkv(
+        self,
+        x: Float[Array, "T d_model"],
+        positions: Int[Array, " T"],
+        conv_history: Float[Array, "history channels"],
+    ):
+        T = x.shape[0]
+        qkv = jnp.concatenate([jax.vmap(w)(x) for w in (self.wq, self.wk, self.wv)], axis=-1)
+        if self.conv_weight is not None:
+            qkv, conv_history = causal_depthwise_conv(qkv, self.conv_weight, conv_history)
+        q, k, v = (a.reshape(T, self.n_heads, self.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        q_rot, k_rot = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        return q, q_rot, k_rot, v, conv_history
 
     def _attend(
         self,
@@ -281,7 +326,7 @@ class AttentionLayer(AbstractMixer):
         """The whole sequence at positions `0..T-1`: `(T, d_model) -> (T, d_model)`."""
         _check_not_empty(x)
         positions = jnp.arange(x.shape[0])
-        q, q_rot, k_rot, v = self._qkv(x, positions)
+        q, q_rot, k_rot, v, _ = self._qkv(x, positions, self._empty_conv(x.dtype))
         return self._attend(q, q_rot, k_rot, v)
 
     def init_state(self, max_length: int) -> AttentionState:
@@ -299,6 +344,7 @@ class AttentionLayer(AbstractMixer):
             values=jnp.zeros(shape, dtype),
             positions=jnp.full((slots,), -1, jnp.int32),
             count=jnp.zeros((), jnp.int32),
+            conv=self._empty_conv(dtype),
         )
 
     @jaxtyped(typechecker=beartype)
@@ -320,7 +366,7 @@ class AttentionLayer(AbstractMixer):
                 "AttentionLayer.stream: the KV cache is full (init_state max_length)",
             )
         positions = count + jnp.arange(T, dtype=jnp.int32)
-        q, q_rot, k_rot, v = self._qkv(x, positions)
+        q, q_rot, k_rot, v, conv = self._qkv(x, positions, state.conv)
         keys = jnp.concatenate([state.keys, k_rot], axis=0)
         values = jnp.concatenate([state.values, v], axis=0)
         key_positions = jnp.concatenate([state.positions, positions])
@@ -339,5 +385,6 @@ class AttentionLayer(AbstractMixer):
             values=state.values.at[slot].set(v[T - kept :]),
             positions=state.positions.at[slot].set(positions[T - kept :]),
             count=count + T,
+            conv=conv,
         )
         return y, new_state

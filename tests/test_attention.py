@@ -49,18 +49,39 @@ def masked_softmax_heads(q, k, v, *, window=None):
     return np.einsum("hts,shd->thd", p, v)
 
 
+def reference_conv(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """y_t = sum_j w[:, j] * x_{t-K+1+j}, with x_s = 0 for s < 0, by a loop over t and j."""
+    T, K = x.shape[0], weight.shape[1]
+    y = np.zeros_like(x)
+    for t in range(T):
+        for j in range(K):
+            s = t - K + 1 + j
+            if s >= 0:
+                y[t] += weight[:, j] * x[s]
+    return y
+
+
 def reference_projections(layer: ae.AttentionLayer, x: np.ndarray):
-    """q, k (RoPE'd, by the complex form) and v of every head, from the weights directly."""
+    """q, k (RoPE'd, by the complex form) and v of every head, from the weights directly
+    (through the layer's short convolution when it has one)."""
     T = x.shape[0]
-    split = lambda w: (x @ np.asarray(w).T).reshape(T, layer.n_heads, layer.head_dim)
-    q, k, v = split(layer.wq.weight), split(layer.wk.weight), split(layer.wv.weight)
+    weights = [np.asarray(w.weight) for w in (layer.wq, layer.wk, layer.wv)]
+    projected = np.concatenate([x @ w.T for w in weights], axis=-1)
+    if layer.conv_weight is not None:
+        projected = reference_conv(projected, np.asarray(layer.conv_weight))
+    q, k, v = (a.reshape(T, layer.n_heads, layer.head_dim) for a in np.split(projected, 3, -1))
     positions = np.arange(T)
     return q, complex_rope(q, positions), complex_rope(k, positions), v
 
 
-def make_layer(window=None, n_persistent=0, seed=0) -> ae.AttentionLayer:
+def make_layer(window=None, n_persistent=0, seed=0, conv_size=0) -> ae.AttentionLayer:
     return ae.AttentionLayer(
-        D_MODEL, HEADS, key=jax.random.PRNGKey(seed), window=window, n_persistent=n_persistent
+        D_MODEL,
+        HEADS,
+        key=jax.random.PRNGKey(seed),
+        window=window,
+        n_persistent=n_persistent,
+        conv_size=conv_size,
     )
 
 
@@ -120,10 +141,10 @@ def test_causal_attention_equals_reference_attention(seed, T, window):
     close(y, library, 2e-6)
 
 
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("window, conv_size", [(None, 0), (3, 0), (None, 4), (3, 2)])
 @given(seed=SEEDS, T=st.sampled_from([5, 9]))
-def test_layer_equals_dot_product_attention_on_rope_projections(window, seed, T):
-    layer = make_layer(window, seed=seed % 4)
+def test_layer_equals_dot_product_attention_on_rope_projections(window, conv_size, seed, T):
+    layer = make_layer(window, seed=seed % 4, conv_size=conv_size)
     x = inputs(seed, T)
     _, q, k, v = reference_projections(layer, x)
     wo = np.asarray(layer.wo.weight)
@@ -163,14 +184,15 @@ def test_persistent_tokens_are_visible_beyond_the_window(seed, T):
 # --------------------------------------------------------------------------------------------
 
 
-STREAM_CONFIGS = [(None, 0), (3, 0), (3, 2), (None, 2)]
+STREAM_CONFIGS = [(None, 0, 0), (3, 0, 0), (3, 2, 0), (None, 2, 0), (3, 0, 4), (None, 2, 3)]
 
 
-@pytest.mark.parametrize("window, n_persistent", STREAM_CONFIGS)
+@pytest.mark.parametrize("window, n_persistent, conv_size", STREAM_CONFIGS)
 @given(seed=SEEDS, pieces=st.sampled_from([(1,) * 11, (4, 1, 6)]))
-def test_streaming_equals_the_full_call(window, n_persistent, seed, pieces):
-    """T = 11 > window = 3, so the ring buffer wraps several times (also within one piece)."""
-    layer = make_layer(window, n_persistent, seed=seed % 4)
+def test_streaming_equals_the_full_call(window, n_persistent, conv_size, seed, pieces):
+    """T = 11 > window = 3, so the ring buffer wraps several times (also within one piece);
+    pieces of one token carry the convolution's history across calls."""
+    layer = make_layer(window, n_persistent, seed=seed % 4, conv_size=conv_size)
     x = jnp.asarray(inputs(seed, 11))
     state = layer.init_state(11)
     outputs, start = [], 0
@@ -194,15 +216,16 @@ def test_ring_buffer_has_window_slots_and_keeps_the_last_tokens():
     assert short.keys.shape == (2, HEADS, HEAD_DIM)
 
 
-@pytest.mark.parametrize("window, n_persistent", STREAM_CONFIGS)
+@pytest.mark.parametrize("window, n_persistent, conv_size", STREAM_CONFIGS)
 @given(seed=SEEDS, t=st.integers(0, 7))
-def test_causality(window, n_persistent, seed, t):
-    layer = make_layer(window, n_persistent)
+def test_causality(window, n_persistent, conv_size, seed, t):
+    layer = make_layer(window, n_persistent, conv_size=conv_size)
     x = inputs(seed, 9)
     x2 = x.copy()
     x2[t + 1 :] = 100.0 * np.random.default_rng(seed + 1).standard_normal(x2[t + 1 :].shape)
     y, y2 = call(layer, jnp.asarray(x)), call(layer, jnp.asarray(x2))
     np.testing.assert_array_equal(np.asarray(y)[: t + 1], np.asarray(y2)[: t + 1])
+    assert not np.allclose(np.asarray(y)[t + 1], np.asarray(y2)[t + 1])
 
 
 @given(seed=SEEDS)
@@ -217,9 +240,9 @@ def test_vmap_over_a_batch_equals_a_loop_and_examples_never_interact(seed):
     np.testing.assert_array_equal(np.asarray(again)[[0, 2]], np.asarray(batched)[[0, 2]])
 
 
-@pytest.mark.parametrize("window, n_persistent", [(None, 0), (2, 2)])
-def test_gradients_match_central_differences(window, n_persistent):
-    layer = make_layer(window, n_persistent)
+@pytest.mark.parametrize("window, n_persistent, conv_size", [(None, 0, 0), (2, 2, 0), (2, 1, 4)])
+def test_gradients_match_central_differences(window, n_persistent, conv_size):
+    layer = make_layer(window, n_persistent, conv_size=conv_size)
     x = jnp.asarray(inputs(0, 6))
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((6, D_MODEL)))
     params, static = eqx.partition((layer, x), eqx.is_inexact_array)
@@ -255,6 +278,7 @@ def test_gradients_match_central_differences(window, n_persistent):
         (dict(d_model=16, n_heads=2, window=0), "`window`"),
         (dict(d_model=16, n_heads=2, n_persistent=-1), "`n_persistent`"),
         (dict(d_model=16, n_heads=0), "`n_heads`"),
+        (dict(d_model=16, n_heads=2, conv_size=-1), "`conv_size`"),
     ],
 )
 def test_bad_configuration_raises(kwargs, match):
