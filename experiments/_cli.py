@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job: train a small Atlas and four baselines on MQAR, print accuracy",
     )
     quickstart.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    quickstart.add_argument("--steps", type=int, default=400, help="training steps per model")
+    quickstart.add_argument("--steps", type=int, default=800, help="training steps per model")
     quickstart.add_argument(
         "--out-dir",
         default="experiments/results/quickstart",

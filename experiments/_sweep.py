@@ -27,7 +27,7 @@ import numpy as np
 
 
 SWEEP_PRESETS = ("atlas", "omeganet", "titans", "gated_deltanet", "transformer")
-SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+SWEEP_LRS = (3e-3, 1e-2, 2e-2)
 SWEEP_SEEDS = (0, 1, 2)
 VALIDATION_SEED_OFFSET = 2 * 10**6
 """The validation split's generator seed is the task seed plus this (the test split's is plus
@@ -39,7 +39,7 @@ class SweepConfig:
     presets: tuple[str, ...] = SWEEP_PRESETS
     lrs: tuple[float, ...] = SWEEP_LRS
     seeds: tuple[int, ...] = SWEEP_SEEDS
-    steps: int = 600
+    steps: int = 800
     num_validation: int = 256
     jobs: int = 1
     out_dir: str = "experiments/results/mqar-sweep"
