@@ -47,7 +47,7 @@ define their model with $b$, as Titans and ATLAS do: `atlas`, `atlas_pp` ($b = 4
   job's size; a chunk of $b = 4$ steps writes about $4\eta_t$). $\eta_{\max}$ =
   `MUON_LR_MAX` = 0.1, chosen by training: Atlas on the main job's MQAR, 400 steps at outer lr
   1e-2, seed 0, validation accuracy at $\eta_{\max}$ = 0.05 / 0.1 / 0.2 / 0.5 / 2: 0.21 /
-  0.91 / 0.66 / 0.11 / 0.05 (0.1: 0.22 and 0.81 at seeds 1 and 2). The write-strength probe
+  0.90 / 0.66 / 0.11 / 0.05 (0.1: 0.22 and 0.81 at seeds 1 and 2). The write-strength probe
   (`atlas-eqx probe`) favours larger steps (8% of a value written after 8 writes at 0.11, 43%
   at 0.5), but a memory that rewrites itself that fast leaves the outer model little to learn
   from; a smaller step trains.
