@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import _bench_peers as bp
-from experiments._cli import main
+from experiments.bench import _peers as bp
+from experiments.cli import main
 
 
 def _hide_peers(monkeypatch):

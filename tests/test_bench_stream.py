@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _bench_peers as bp, _bench_stream as bs
-from experiments._cli import main
+from experiments.bench import _peers as bp, _stream as bs
+from experiments.cli import main
 
 
 MEMORIES = tuple(bs.STREAM_MEMORIES)
@@ -246,7 +246,7 @@ def test_the_stream_part_in_its_pinned_subprocesses(tmp_path):
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["peak_rss_mib"] >= rows[0]["rss_imports_mib"] > 0
     assert rows[0]["compilations"] == 1 and rows[0]["finite"]
-    assert pathlib.Path(bs.__file__).name == "_bench_stream.py"
+    assert pathlib.Path(bs.__file__).name == "_stream.py"
 
 
 def test_a_subprocess_peak_is_its_own_not_the_parents():
@@ -261,7 +261,7 @@ def test_a_subprocess_peak_is_its_own_not_the_parents():
     rss = bp._rss_mib()
     parent_peak = bp._peak_rss_mib()  # read after: the high-water mark cannot fall below it
     assert parent_peak >= rss > 550
-    code = "from experiments._bench_peers import _peak_rss_mib; print(_peak_rss_mib())"
+    code = "from experiments.bench._peers import _peak_rss_mib; print(_peak_rss_mib())"
     env = bp._child_environment(1)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -295,7 +295,7 @@ def test_stream_memories_selects_the_rows(no_peers, tmp_path):
     # The parser's choices are the module's names.
     import argparse
 
-    from experiments._cli import build_parser
+    from experiments.cli import build_parser
 
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     bench = commands.choices["bench"]

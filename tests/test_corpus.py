@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import experiments as ex
-from experiments import _corpus
+from experiments.tasks import _corpus
 
 
 def test_shipped_excerpt_is_small_public_domain_text():
@@ -32,7 +32,7 @@ def test_shipped_excerpt_is_small_public_domain_text():
 def test_excerpt_ships_in_the_package_data_directory():
     for name in (*_corpus.EXCERPT_FILES, "adjectives.txt", "nouns.txt"):
         path = _corpus._DATA_DIR / name
-        assert path.is_file() and path.parent.parent.name == "experiments"
+        assert path.is_file() and path.parents[2].name == "experiments"
 
 
 def test_splits_are_disjoint_by_document_and_cover_every_document():

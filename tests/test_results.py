@@ -11,10 +11,9 @@ import pytest
 import atlas_eqx as ae
 import experiments as ex
 import feature_maps as fm
-from experiments._capacity import _write_then_read
-from experiments._cli import main
-from experiments._results import RESULTS
-from experiments._results_probes import (
+from experiments.cli import main
+from experiments.studies._registry import RESULTS
+from experiments.studies._results_probes import (
     _capacity_stream_fn,
     _features64,
     _online_reads,
@@ -31,6 +30,7 @@ from experiments._results_probes import (
     run_niah_probe,
     sphere_feature_dim,
 )
+from experiments.tasks._capacity import _write_then_read
 
 
 def test_exact_recall_is_the_relative_error_threshold():

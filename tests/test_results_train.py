@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import experiments._results_train as rt
+import experiments.studies._results_train as rt
 from experiments import s_niah
-from experiments._cli import main
-from experiments._results import RESULTS
-from experiments._train import evaluate, IGNORE_INDEX
+from experiments.cli import main
+from experiments.studies._registry import RESULTS
+from experiments.training._train import evaluate, IGNORE_INDEX
 
 
 def test_bits_per_byte_is_mean_nll_over_ln2():

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments._babilong import ACTORS, LOCATIONS, MOVE_VERBS
-from experiments._cli import main as cli
-from experiments._stream import (
+from experiments.cli import main as cli
+from experiments.tasks._babilong import ACTORS, LOCATIONS, MOVE_VERBS
+from experiments.training._stream import (
     _distractor_sentences,  # noqa: I001
     generate_stream,
     stream_compare,
@@ -110,7 +110,7 @@ def test_resume_after_an_interruption_gives_the_same_final_state(tmp_path):
 
 def test_ctrl_c_saves_the_last_complete_call_and_resumes_exactly(tmp_path, monkeypatch):
     whole = stream_run(SMALL, progress=False)
-    import experiments._stream as module
+    import experiments.training._stream as module
 
     calls = []
     original = module.resident_mb

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ._tasks import check_positive, IGNORE_INDEX, TokenTask
+from ._token_task import check_positive, IGNORE_INDEX, TokenTask
 
 
 def _weighted_sample_without_replacement(

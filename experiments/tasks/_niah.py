@@ -3,8 +3,8 @@
 Titans/ATLAS name the three variants S-NIAH-PK (noise haystack, 7-digit number), S-NIAH-N
 (essay haystack, number) and S-NIAH-W (essay haystack, UUID). RULER's essay haystack is Paul
 Graham's essays, which may not be redistributed: the default haystack here is the shipped
-public-domain excerpt (`experiments._corpus.load_excerpt`), and any text (e.g. a corpus split)
-can be passed instead. Keys are `"adjective-noun"` from the word lists in `experiments/data/`
+public-domain excerpt (`experiments.tasks._corpus.load_excerpt`), and any text (e.g. a corpus split)
+can be passed instead. Keys are `"adjective-noun"` from the word lists in `experiments/tasks/data/`
 (RULER draws them from the `wonderwords` lists, which this project does not depend on).
 """
 
@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from ._corpus import load_excerpt
-from ._tasks import check_positive, IGNORE_INDEX, split_sentences, TokenTask
+from ._token_task import check_positive, IGNORE_INDEX, split_sentences, TokenTask
 
 
 Variant = Literal["pk", "n", "w"]

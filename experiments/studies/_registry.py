@@ -27,7 +27,7 @@ RESULTS: dict[str, ResultFunction] = {
 
 def default_out_dir(name: str) -> pathlib.Path:
     """`experiments/results/<name>` of this checkout."""
-    return pathlib.Path(__file__).parent / "results" / name
+    return pathlib.Path(__file__).parents[1] / "results" / name
 
 
 def run_result(

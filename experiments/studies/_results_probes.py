@@ -31,10 +31,10 @@ import atlas_eqx as ae
 import feature_maps as fm
 import optimizers as iopt
 
-from ._capacity import capacity_probe, capacity_recall
-from ._corpus import load_excerpt
-from ._niah import NOISE_BLOCK
-from ._plot import pyplot_or_none, save_figure
+from .._plot import pyplot_or_none, save_figure
+from ..tasks._capacity import capacity_probe, capacity_recall
+from ..tasks._corpus import load_excerpt
+from ..tasks._niah import NOISE_BLOCK
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ r"""`atlas-eqx stream`: a memory-only Atlas-style memory over a BABILong-style s
 
 **The stream.** Word tokens (lower-cased runs of letters) of distractor text, sentence by
 sentence, cycled from a random start (the shipped public-domain excerpt, or the fetched
-corpus' train split), as BABILong builds its haystacks (`experiments._babilong`). `facts`
+corpus' train split), as BABILong builds its haystacks (`experiments.tasks._babilong`). `facts`
 bAbI qa1 facts (`babi_samples(1, ...)`: "Mary went to the kitchen.", valid moves of four
 actors) are hidden, in order, at sentence boundaries after token positions drawn uniformly
 over the stream and sorted (BABILong's construction). The stream is produced lazily, one
@@ -71,10 +71,10 @@ import atlas_eqx as ae
 import feature_maps as fm
 import optimizers as iopt
 
-from ._babilong import ACTORS, babi_samples, LOCATIONS
-from ._corpus import load_corpus, load_excerpt
-from ._plot import pyplot_or_none, save_figure
-from ._tasks import split_sentences
+from .._plot import pyplot_or_none, save_figure
+from ..tasks._babilong import ACTORS, babi_samples, LOCATIONS
+from ..tasks._corpus import load_corpus, load_excerpt
+from ..tasks._token_task import split_sentences
 
 
 OPTIMIZERS = ("gd", "momentum", "muon_per_chunk", "muon")
@@ -647,7 +647,7 @@ def _results_markdown(base, rows, by_depth, command: str) -> str:
         f"no constant), dim {base.dim}, Omega window c = {base.window}, chunk b = "
         f"{base.chunk_size}, lr {base.lr}, retention {base.decay}; {base.facts} qa1 facts per "
         f"stream hidden in the {base.corpus} distractor text; questions at uniform positions; "
-        "chance 1/6. See `experiments/_stream.py` for the keys, values and how it answers.",
+        "chance 1/6. See `experiments/training/_stream.py` for the keys, values and how it answers.",
         "",
         "```",
         command,

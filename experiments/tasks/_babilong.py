@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._corpus import load_excerpt
-from ._tasks import check_positive, IGNORE_INDEX, split_sentences, TokenTask
+from ._token_task import check_positive, IGNORE_INDEX, split_sentences, TokenTask
 
 
 TASKS = (1, 2, 3, 4, 5)

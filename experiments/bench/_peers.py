@@ -1,6 +1,6 @@
 r"""`atlas-eqx bench peers`: our memory layers against titans-pytorch, side by side in one run.
 
-Five parts (issue 8, items 1 to 5; item 4, streaming inference, is `experiments._bench_stream`
+Five parts (issue 8, items 1 to 5; item 4, streaming inference, is `experiments.bench._stream`
 and writes its own `stream.md`):
 
 1. **Matched layers.** Our `titans` preset (and `atlas` beside it) against titans-pytorch's
@@ -19,7 +19,7 @@ and writes its own `stream.md`):
    printed as such.
 3. **Language-model training step** of our `transformer` preset against recurrent presets at
    T in {512, 2048, 8192}.
-4. **Streaming inference** (part `stream`, `experiments._bench_stream`): tokens/s and resident
+4. **Streaming inference** (part `stream`, `experiments.bench._stream`): tokens/s and resident
    memory of a memory-only atlas scan (and titans) streamed at 16K, 128K and 1M tokens (10M
    with `--ten-million`), one subprocess per length: `stream.md` and `stream.png`.
 5. **Output**: `results.md` (tables, ratios ours/peer) and `throughput.png`.
@@ -60,8 +60,8 @@ from typing import Any
 
 import numpy as np
 
-from ._bench_stream import DEFAULT_STREAM_CONFIG, StreamBenchConfig, write_stream_results
-from ._plot import pyplot_or_none, save_figure
+from .._plot import pyplot_or_none, save_figure
+from ._stream import DEFAULT_STREAM_CONFIG, StreamBenchConfig, write_stream_results
 
 
 TORCH_VERSION = "2.13.0"
@@ -581,7 +581,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
 
     import atlas_eqx as ae
 
-    from ._bench import _peak_bytes
+    from ._scan import _peak_bytes
 
     rss_imports = _rss_mib()
     key = jax.random.key(spec["seed"])
@@ -665,8 +665,8 @@ def _measure_lm_step(spec: dict[str, Any]) -> dict[str, Any]:
 
     import atlas_eqx as ae
 
-    from ._recall import layout_options
-    from ._train import make_optimizer, make_train_step, OptimConfig
+    from ..training._recall import layout_options
+    from ..training._train import make_optimizer, make_train_step, OptimConfig
 
     rss_imports = _rss_mib()
     key = jax.random.key(spec["seed"])
@@ -713,7 +713,7 @@ def _child_main() -> None:
     spec = json.loads(sys.argv[1])
     os.sched_setaffinity(0, spec["cpus"])  # before jax or torch start their thread pools
     if spec["kind"] == "stream":
-        from ._bench_stream import measure_stream
+        from ._stream import measure_stream
 
         result = measure_stream(spec)
     elif spec["framework"] == "torch":
@@ -727,7 +727,7 @@ def _child_main() -> None:
 
 
 def _child_environment(threads: int) -> dict[str, str]:
-    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    root = str(pathlib.Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -743,7 +743,7 @@ def _pinned_cpus(threads: int) -> list[int]:
 def run_child(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter pinned to `threads` CPUs."""
     cpus = _pinned_cpus(threads)
-    code = "from experiments._bench_peers import _child_main; _child_main()"
+    code = "from experiments.bench._peers import _child_main; _child_main()"
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, json.dumps({**spec, "threads": threads, "cpus": cpus})],
@@ -1180,7 +1180,7 @@ def run_peers_benchmark(
 ) -> str:
     """Items 1 to 5: run everything, write `results.md` and `throughput.png` under
     `config.out_dir`, and return the markdown. `stream` (item 4, `None` skips it) writes its
-    own `stream.md` and `stream.png` there (`experiments._bench_stream`). With `layers` and
+    own `stream.md` and `stream.png` there (`experiments.bench._stream`). With `layers` and
     `lm` both off, `results.md` is left as it is (only the cross-check and the stream part
     run), so that rerunning the stream part alone does not blank the layer tables."""
     require_peers()
@@ -1213,7 +1213,7 @@ def run_peers_benchmark(
             f"calls after one warm-up call (LM: {config.lm_repeats}; fewer once "
             f"{config.budget_s:.0f} s of timed calls are spent: the column 'timed calls' gives "
             "the count). Measured by the rules "
-            "in the docstring of `experiments/_bench_peers.py`: one fresh subprocess per "
+            "in the docstring of `experiments/bench/_peers.py`: one fresh subprocess per "
             "row; peak RSS is that process's `VmHWM` (imports, build, compilation, "
             "forward and forward+backward together), beside its resident memory after the "
             "imports; XLA f+b buffers is the compiled forward+backward's buffer assignment.",

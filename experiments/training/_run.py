@@ -16,9 +16,9 @@ from jax.sharding import Mesh
 
 import atlas_eqx as ae
 
+from ..tasks._corpus import excerpt_documents, load_corpus
+from ..tasks._mqar import multiquery_ar
 from ._config import save_config
-from ._corpus import excerpt_documents, load_corpus
-from ._mqar import multiquery_ar
 from ._recall import layout_options, mqar_batches, mqar_eval_batches
 from ._train import Batch, evaluate, load_checkpoint, make_optimizer, OptimConfig, train
 

@@ -31,7 +31,7 @@ SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 SWEEP_SEEDS = (0, 1, 2)
 VALIDATION_SEED_OFFSET = 2 * 10**6
 """The validation split's generator seed is the task seed plus this (the test split's is plus
-10**6, see `experiments/_recall.py`)."""
+10**6, see `experiments/training/_recall.py`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +55,8 @@ def run_one(preset: str, lr: float, seed: int, steps: int, num_validation: int) 
     """Train one preset at one outer learning rate and seed; validation and test metrics."""
     import jax
 
-    from ._mqar import multiquery_ar
-    from ._recall import (
+    from ..tasks._mqar import multiquery_ar
+    from ..training._recall import (
         build_model,
         count_parameters,
         mqar_batches,
@@ -65,7 +65,7 @@ def run_one(preset: str, lr: float, seed: int, steps: int, num_validation: int) 
         RecallRunConfig,
         RecallTaskConfig,
     )
-    from ._train import evaluate, OptimConfig, train, TrainingDiverged
+    from ..training._train import evaluate, OptimConfig, train, TrainingDiverged
 
     task, model, run = RecallTaskConfig(), RecallModelConfig(), RecallRunConfig()
 

@@ -10,7 +10,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from ._tasks import check_positive
+from ._token_task import check_positive
 
 
 KeyKind = Literal["gaussian", "unit"]

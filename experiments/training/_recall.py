@@ -19,8 +19,8 @@ import numpy as np
 
 import atlas_eqx as ae
 
-from ._mqar import multiquery_ar
-from ._plot import pyplot_or_none, save_figure
+from .._plot import pyplot_or_none, save_figure
+from ..tasks._mqar import multiquery_ar
 from ._train import Batch, evaluate, OptimConfig, train, TrainingDiverged
 
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from ._quickstart import QuickstartConfig, run_quickstart
+    from ..studies._quickstart import QuickstartConfig, run_quickstart
 
     if args.sweep:
-        from ._sweep import format_sweep, run_sweep, SweepConfig
+        from ..studies._sweep import format_sweep, run_sweep, SweepConfig
 
         config = SweepConfig(steps=args.steps, jobs=args.jobs, out_dir=args.sweep_dir)
         records = run_sweep(config, progress=not args.no_progress)
@@ -20,7 +20,7 @@ def _quickstart(args: argparse.Namespace) -> int:
             "# The main job's task: 3 seeds, outer learning-rate sweep\n\n"
             f"Regenerate with `atlas-eqx quickstart --sweep --steps {args.steps}` (resumable; "
             "`--jobs N` runs N trainings at once, each on its own cores). Protocol: "
-            "`experiments/_sweep.py`.\n\n"
+            "`experiments/studies/_sweep.py`.\n\n"
         )
         path = f"{args.sweep_dir}/results.md"
         with open(path, "w") as file:
@@ -69,8 +69,8 @@ _TRAIN_HELP = {
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ._config import config_from_args
-    from ._run import run_training, TrainConfig
+    from ..training._config import config_from_args
+    from ..training._run import run_training, TrainConfig
 
     config = config_from_args(TrainConfig, args)
     metrics = run_training(config, progress=not args.no_progress)
@@ -79,14 +79,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ._run import run_evaluation
+    from ..training._run import run_evaluation
 
     print(json.dumps(run_evaluation(args.run_dir), indent=2))
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from ._plot import plot_metrics
+    from .._plot import plot_metrics
 
     plot_metrics(args.metrics, args.out, key=args.key)
     print(f"wrote {args.out}")
@@ -94,7 +94,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from ._corpus import fetch_corpus
+    from ..tasks._corpus import fetch_corpus
 
     paths = fetch_corpus(args.cache_dir, force=args.force)
     print(paths)
@@ -114,8 +114,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from ._bench_peers import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
-    from ._bench_stream import QUICK_STREAM_CONFIG, StreamBenchConfig, TEN_MILLION
+    from ..bench._peers import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
+    from ..bench._stream import QUICK_STREAM_CONFIG, StreamBenchConfig, TEN_MILLION
 
     if args.ten_million and "stream" in args.skip:
         raise SystemExit(
@@ -167,12 +167,12 @@ def _bench_peers(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ._bench import run_scan_benchmark, ScanBenchConfig
+    from ..bench._scan import run_scan_benchmark, ScanBenchConfig
 
     if args.what == "peers":
         return _bench_peers(args)
     if args.what == "exact":
-        from ._bench_exact import ExactBenchConfig, run_exact_benchmark
+        from ..bench._exact import ExactBenchConfig, run_exact_benchmark
 
         run_exact_benchmark(
             ExactBenchConfig(
@@ -226,8 +226,8 @@ _STREAM_HELP = {
 def _stream(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ._config import config_from_args
-    from ._stream import stream_compare, stream_run, stream_sweep, StreamConfig
+    from ..training._config import config_from_args
+    from ..training._stream import stream_compare, stream_run, stream_sweep, StreamConfig
 
     config = config_from_args(StreamConfig, args)
     if args.ten_million:
@@ -267,7 +267,7 @@ def _stream(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from ._results import run_result
+    from ..studies._registry import run_result
 
     print(run_result(args.name, args.out, quick=args.quick, progress=not args.no_progress))
     return 0
@@ -276,7 +276,7 @@ def _results(args: argparse.Namespace) -> int:
 def _probe(args: argparse.Namespace) -> int:
     import time
 
-    from ._probe import format_table, probe_presets, write_table
+    from ..studies._probe import format_table, probe_presets, write_table
 
     start = time.perf_counter()
     results = probe_presets(
@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_argument("--sweep-dir", default="experiments/results/mqar-sweep")
     quickstart.set_defaults(run=_quickstart)
 
-    from ._config import add_config_arguments
-    from ._run import TrainConfig
+    from ..training._config import add_config_arguments
+    from ..training._run import TrainConfig
 
     train = commands.add_parser(
         "train",
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--configs", nargs="+", default=["340M", "760M"])
     params.set_defaults(run=_params)
 
-    from ._stream import StreamConfig
+    from ..training._stream import StreamConfig
 
     stream = commands.add_parser(
         "stream",
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=_bench)
 
-    from ._results import RESULTS
+    from ..studies._registry import RESULTS
 
     results = commands.add_parser(
         "results",
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--no-progress", action="store_true", help="no progress bars")
     results.set_defaults(run=_results)
 
-    from ._probe import ALL_PRESETS
+    from ..studies._probe import ALL_PRESETS
 
     probe = commands.add_parser(
         "probe",

@@ -12,7 +12,7 @@ The model is DeltaNet's rule with an Omega window, $W_t = W_{t-1} - \beta_t\sum_
   (its plain-torch chunkwise form, `fla/ops/delta_rule/naive.py`; its Triton kernels need a
   GPU), loaded from the installed file, when torch and fla-core are installed.
 
-Every function is timed in interleaved rounds (`experiments._bench._time_interleaved`) after
+Every function is timed in interleaved rounds (`experiments.bench._scan._time_interleaved`) after
 two warm calls, so a change of load hits every row alike; the median is kept and the ratios
 are against `sequential` in the same run. Forward+backward is the gradient of
 $\sum y^2$ with respect to q, k, v and $\beta$ (the same for torch). Speed is a ratio measured
@@ -33,8 +33,8 @@ import numpy as np
 import atlas_eqx as ae
 from atlas_eqx._exact_chunked import DEFAULT_BLOCK_SIZE
 
-from ._bench import _time_interleaved
-from ._bench_peers import load_fla_naive
+from ._peers import load_fla_naive
+from ._scan import _time_interleaved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +253,7 @@ def format_exact_table(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         "# Exact chunk-parallel form: speed against the sequential recurrence and fla",
         "",
-        "Regenerate with `atlas-eqx bench exact` (protocol: `experiments/_bench_exact.py`).",
+        "Regenerate with `atlas-eqx bench exact` (protocol: `experiments/bench/_exact.py`).",
         "",
         header + ". x = ratio to `sequential` measured side by side in the same run; the last "
         "column is the largest difference of the forward output from `sequential`'s (float32 "
