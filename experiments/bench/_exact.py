@@ -33,7 +33,7 @@ import numpy as np
 import atlas_eqx as ae
 from atlas_eqx._exact_chunked import DEFAULT_BLOCK_SIZE
 
-from ._peers import load_fla_naive
+from ._peer_packages import load_fla_naive
 from ._scan import _time_interleaved
 
 

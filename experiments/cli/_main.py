@@ -114,7 +114,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from ..bench._peers import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
+    from ..bench import PeersBenchConfig, PeersMissing, QUICK_CONFIG, run_peers_benchmark
     from ..bench._stream import QUICK_STREAM_CONFIG, StreamBenchConfig, TEN_MILLION
 
     if args.ten_million and "stream" in args.skip:
