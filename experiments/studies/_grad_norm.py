@@ -37,7 +37,7 @@ from atlas_eqx._chunked import decay_matrix
 from ..tasks._niah import NOISE_BLOCK, s_niah
 from ..training._recall import ELEMENTWISE_FEATURES, STUDY_OPTIONS
 from ..training._train import batch_loss
-from ._results_train import next_byte_targets
+from ._niah_extrapolate import next_byte_targets
 
 
 D_MODEL, N_LAYERS, N_HEADS, CHUNK, WINDOW = 32, 2, 2, 16, 4

@@ -10,8 +10,11 @@ tiny sizes (for tests); the files then say so. `progress=False` turns off progre
 import pathlib
 from collections.abc import Callable
 
-from ._results_probes import capacity_result, niah_probe_result
-from ._results_train import run_lm, run_mqar_state, run_niah_extrapolate
+from ._capacity_page import capacity_result
+from ._lm import run_lm
+from ._mqar_state import run_mqar_state
+from ._niah_extrapolate import run_niah_extrapolate
+from ._niah_probe_page import niah_probe_result
 
 
 ResultFunction = Callable[..., str]
