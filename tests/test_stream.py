@@ -11,16 +11,15 @@ import pytest
 
 from experiments.cli import main as cli
 from experiments.tasks._babilong import ACTORS, LOCATIONS, MOVE_VERBS
-from experiments.training._stream import (
+from experiments.training._stream import stream_run
+from experiments.training._stream_data import (
     _distractor_sentences,  # noqa: I001
     generate_stream,
-    stream_compare,
-    stream_run,
-    stream_sweep,
     StreamConfig,
     Vocabulary,
     words,
 )
+from experiments.training._stream_sweep import stream_compare, stream_sweep
 
 
 SMALL = StreamConfig(tokens=4096, call_tokens=512, facts=24, questions=96, checkpoint_every=2)

@@ -226,8 +226,8 @@ _STREAM_HELP = {
 def _stream(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from ..training import stream_compare, stream_run, stream_sweep, StreamConfig
     from ..training._config import config_from_args
-    from ..training._stream import stream_compare, stream_run, stream_sweep, StreamConfig
 
     config = config_from_args(StreamConfig, args)
     if args.ten_million:
@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--configs", nargs="+", default=["340M", "760M"])
     params.set_defaults(run=_params)
 
-    from ..training._stream import StreamConfig
+    from ..training import StreamConfig
 
     stream = commands.add_parser(
         "stream",

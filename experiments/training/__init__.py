@@ -25,13 +25,9 @@ from ._run import (
     TrainConfig as TrainConfig,
     training_mesh as training_mesh,
 )
-from ._stream import (
-    stream_compare as stream_compare,
-    stream_run as stream_run,
-    stream_sweep as stream_sweep,
-    StreamConfig as StreamConfig,
-    StreamResult as StreamResult,
-)
+from ._stream import stream_run as stream_run, StreamResult as StreamResult
+from ._stream_data import StreamConfig as StreamConfig
+from ._stream_sweep import stream_compare as stream_compare, stream_sweep as stream_sweep
 from ._train import (
     Batch as Batch,
     CheckpointError as CheckpointError,
