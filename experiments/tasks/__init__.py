@@ -15,12 +15,12 @@ from ._capacity import (
 from ._corpus import (
     default_cache_dir as default_cache_dir,
     excerpt_documents as excerpt_documents,
-    fetch_corpus as fetch_corpus,
     LMBatch as LMBatch,
     load_corpus as load_corpus,
     load_excerpt as load_excerpt,
     sample_batches as sample_batches,
 )
+from ._corpus_fetch import fetch_corpus as fetch_corpus
 from ._mad import (
     compression as compression,
     fuzzy_in_context_recall as fuzzy_in_context_recall,
