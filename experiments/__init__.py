@@ -1,45 +1,42 @@
-"""Experiments, benchmarks and the `atlas-eqx` command line."""
+"""Experiments, benchmarks and the `atlas-eqx` command line (map: `experiments/README.md`)."""
 
-from ._babilong import babi_samples as babi_samples, babilong as babilong, BabiSample as BabiSample
-from ._capacity import (
+from .tasks import (
+    babi_samples as babi_samples,
+    babilong as babilong,
+    BabiSample as BabiSample,
     capacity_gates as capacity_gates,
     capacity_probe as capacity_probe,
     capacity_recall as capacity_recall,
     CapacityProbe as CapacityProbe,
     CapacityScore as CapacityScore,
-    interference_probe as interference_probe,
-)
-from ._corpus import (
+    compression as compression,
+    decode_tokens as decode_tokens,
+    encode_text as encode_text,
+    exact_match as exact_match,
     excerpt_documents as excerpt_documents,
     fetch_corpus as fetch_corpus,
+    fuzzy_in_context_recall as fuzzy_in_context_recall,
+    IGNORE_INDEX as IGNORE_INDEX,
+    in_context_recall as in_context_recall,
+    interference_probe as interference_probe,
     LMBatch as LMBatch,
     load_corpus as load_corpus,
     load_excerpt as load_excerpt,
-    sample_batches as sample_batches,
-)
-from ._mad import (
-    compression as compression,
-    fuzzy_in_context_recall as fuzzy_in_context_recall,
-    in_context_recall as in_context_recall,
     mad_accuracy as mad_accuracy,
+    masked_accuracy as masked_accuracy,
     memorization as memorization,
+    multiquery_ar as multiquery_ar,
     noisy_in_context_recall as noisy_in_context_recall,
+    s_niah as s_niah,
+    sample_batches as sample_batches,
     selective_copying as selective_copying,
+    string_match_all as string_match_all,
+    TokenTask as TokenTask,
 )
-from ._mqar import multiquery_ar as multiquery_ar
-from ._niah import s_niah as s_niah, string_match_all as string_match_all
-from ._stream import (
+from .training import (
     stream_compare as stream_compare,
     stream_run as stream_run,
     stream_sweep as stream_sweep,
     StreamConfig as StreamConfig,
     StreamResult as StreamResult,
-)
-from ._tasks import (
-    decode_tokens as decode_tokens,
-    encode_text as encode_text,
-    exact_match as exact_match,
-    IGNORE_INDEX as IGNORE_INDEX,
-    masked_accuracy as masked_accuracy,
-    TokenTask as TokenTask,
 )

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import atlas_eqx as ae  # noqa: E402
-from experiments._train import (  # noqa: E402
+from experiments.training._train import (  # noqa: E402
     batch_loss,
     make_optimizer,
     make_train_step,
@@ -141,9 +141,9 @@ def _cli_runs() -> dict[str, Any]:
     import io
     import tempfile
 
-    from experiments._cli import build_parser, main as cli
-    from experiments._config import config_from_args
-    from experiments._run import run_training, TrainConfig
+    from experiments.cli import build_parser, main as cli
+    from experiments.training._config import config_from_args
+    from experiments.training._run import run_training, TrainConfig
 
     flags = "--preset transformer --d-model 16 --n-heads 4 --n-layers 1 --num-train 256 "
     flags += "--num-test 32 --batch-size 8 --steps 4 --eval-every 0 --checkpoint-every 2 "

@@ -3,7 +3,7 @@ computes the sequential recurrence's function (speed itself is never a timed tes
 
 import numpy as np
 
-from experiments._bench_exact import ExactBenchConfig, run_exact_benchmark
+from experiments.bench._exact import ExactBenchConfig, run_exact_benchmark
 
 
 def test_bench_exact_rows_compute_the_same_function(tmp_path):

@@ -1,14 +1,22 @@
 """`atlas-eqx bench peers` (issue 8): the cross-check against titans-pytorch and fla, the
 message when the peers are missing, and the logic of the report. Speed is never asserted."""
 
+import importlib.util
 import math
 import sys
 
 import numpy as np
 import pytest
 
-from experiments import _bench_peers as bp
-from experiments._cli import main
+from experiments.bench import (
+    _cross_check as cross_check,
+    _peer_packages as packages,
+    _peers_measure as measure,
+    _peers_report as report,
+    _peers_runs as runs,
+    _subprocess as sub,
+)
+from experiments.cli import main
 
 
 def _hide_peers(monkeypatch):
@@ -19,8 +27,8 @@ def _hide_peers(monkeypatch):
 
 def test_missing_peers_say_what_to_install(monkeypatch):
     _hide_peers(monkeypatch)
-    with pytest.raises(bp.PeersMissing) as error:
-        bp.require_peers()
+    with pytest.raises(packages.PeersMissing) as error:
+        packages.require_peers()
     message = str(error.value)
     assert "missing: torch" in message
     for needed in ("pip install 'atlas-eqx[bench]'", "torch==2.13.0", "titans-pytorch==0.5.5"):
@@ -34,9 +42,9 @@ def test_bench_extra_pins_the_versions_the_message_names():
 
     with open("pyproject.toml", "rb") as file:
         extra = tomllib.load(file)["project"]["optional-dependencies"]["bench"]
-    assert f"torch=={bp.TORCH_VERSION}" in extra
-    assert f"titans-pytorch=={bp.TITANS_VERSION}" in extra
-    assert f"fla-core=={bp.FLA_CORE_VERSION}" in extra
+    assert f"torch=={packages.TORCH_VERSION}" in extra
+    assert f"titans-pytorch=={packages.TITANS_VERSION}" in extra
+    assert f"fla-core=={packages.FLA_CORE_VERSION}" in extra
 
 
 def _check(rows):
@@ -51,7 +59,7 @@ def _check(rows):
 def test_omega_scan_equals_the_numpy_titans_pytorch_rule_without_torch():
     """Our omega_scan = the NumPy transcription of titans-pytorch's rule at chunk_size=1
     (batch_size = our chunk_size) and = DeltaNet's recurrence; needs no torch."""
-    rows = bp.cross_check_numpy(T=24, d=6, seed=3)
+    rows = cross_check.cross_check_numpy(T=24, d=6, seed=3)
     _check(rows)
     names = {row["case"] for row in rows}
     assert any("deltanet" in n for n in names) and any("titans: MLP" in n for n in names)
@@ -63,7 +71,7 @@ def test_numpy_titans_rule_with_no_write_only_decays():
     W = [rng.normal(size=(d, d))]
     q, k, v = rng.normal(size=(3, T, d))
     keep = np.full(T, 0.5)
-    y = bp.numpy_titans_reference(W, q, k, v, np.zeros(T), keep, None, batch_size=2)
+    y = cross_check.numpy_titans_reference(W, q, k, v, np.zeros(T), keep, None, batch_size=2)
     expected = np.stack([q[t] @ (W[0] * 0.5 ** (t + 1)) for t in range(T)])
     np.testing.assert_allclose(y, expected, rtol=1e-12)
 
@@ -71,20 +79,20 @@ def test_numpy_titans_rule_with_no_write_only_decays():
 def test_omega_scan_equals_titans_pytorch_and_fla():
     pytest.importorskip("torch")
     pytest.importorskip("titans_pytorch")
-    rows = bp.cross_check_peers(T=24, d=6, seed=1)
+    rows = cross_check.cross_check_peers(T=24, d=6, seed=1)
     _check(rows)
     references = {row["reference"] for row in rows}
     assert "titans-pytorch NeuralMemory" in references
-    if bp.load_fla_naive_delta_rule() is not None:
+    if packages.load_fla_naive_delta_rule() is not None:
         assert "fla delta_rule_recurrence" in references
 
 
 def test_time_calls_stops_at_the_budget():
     calls = []
-    first, median, n = bp._time_calls(lambda: calls.append(1), repeats=4)
+    first, median, n = measure._time_calls(lambda: calls.append(1), repeats=4)
     assert (len(calls), n) == (5, 4) and first >= 0 and median >= 0
     calls.clear()
-    _, _, n = bp._time_calls(lambda: calls.append(1), repeats=4, budget_s=0.0)
+    _, _, n = measure._time_calls(lambda: calls.append(1), repeats=4, budget_s=0.0)
     assert (len(calls), n) == (2, 1)
 
 
@@ -115,15 +123,15 @@ def test_targets_and_ratios_are_computed_from_the_rows():
         dict(T=8192, preset="titans", step_tok_s=15.0),
         dict(T=512, preset="titans", step_tok_s=1.0),
     ]
-    targets = bp.format_targets(rows, lm)
+    targets = report.format_targets(rows, lm)
     assert "| titans f+b >= 2x titans-pytorch | A | 2.50x | yes |" in targets
     assert "fwd 0.90x, f+b 1.20x | no |" in targets  # atlas: forward slower than the peer
     assert "| recurrent LM step faster than attention at T = 8192 | titans | 1.50x | yes |" in (
         targets
     )
-    table = bp.format_layer_table(rows)
+    table = report.format_layer_table(rows)
     assert "| A | ours titans | 300 | 250 | 2.50 | 5.00 |" in table
-    assert math.isclose(float(bp._ratio(3.0, 2.0)), 1.5)
+    assert math.isclose(float(report._ratio(3.0, 2.0)), 1.5)
 
 
 @pytest.mark.slow
@@ -131,14 +139,14 @@ def test_one_measurement_subprocess_per_framework_reports_its_numbers():
     """The subprocess plumbing: a JAX layer, a titans-pytorch layer and an LM step at tiny
     sizes come back with positive times, a peak RSS above the post-import RSS, and finite
     outputs."""
-    config = bp.PeersBenchConfig(repeats=1, budget_s=0.0, lm_repeats=1, lm_d_model=16)
-    layer = bp.LayerConfig(dim=8, heads=1, chunk=4, T=16)
-    specs = [bp._layer_spec("ours titans", layer, config), bp._lm_spec("titans", 16, config)]
+    config = runs.PeersBenchConfig(repeats=1, budget_s=0.0, lm_repeats=1, lm_d_model=16)
+    layer = runs.LayerConfig(dim=8, heads=1, chunk=4, T=16)
+    specs = [runs._layer_spec("ours titans", layer, config), runs._lm_spec("titans", 16, config)]
     specs[1]["chunk"] = 4
-    if bp.importlib.util.find_spec("titans_pytorch") is not None:
-        specs.append(bp._layer_spec("titans-pytorch batch_size=chunk", layer, config))
+    if importlib.util.find_spec("titans_pytorch") is not None:
+        specs.append(runs._layer_spec("titans-pytorch batch_size=chunk", layer, config))
     for spec in specs:
-        result = bp.run_child(spec, threads=2, timeout_s=600)
+        result = sub.run_child(spec, threads=2, timeout_s=600)
         assert "error" not in result, result
         assert result["backward_s"] > 0 and result["finite"]
         assert result["peak_rss_mib"] >= result["rss_imports_mib"] > 0
@@ -150,9 +158,9 @@ def test_the_median_round_is_kept_with_the_range():
     rounds = [
         dict(_layer_row("A", "ours titans", 10.0, b), backward_s=1.0 / b) for b in (3.0, 1.0, 2.0)
     ]
-    row = bp._median_round(rounds)
+    row = runs._median_round(rounds)
     assert row["backward_tok_s"] == 2.0 and row["rounds"] == 3
     assert row["backward_range"] == (1.0, 3.0)
-    assert "1-3 (3 rounds)" in bp.format_layer_table([row])
+    assert "1-3 (3 rounds)" in report.format_layer_table([row])
     with pytest.raises(ValueError, match="unknown implementation"):
-        bp.run_layer_benchmark(bp.PeersBenchConfig(implementations=("nope",)))
+        runs.run_layer_benchmark(runs.PeersBenchConfig(implementations=("nope",)))

@@ -7,7 +7,7 @@ import pytest
 
 import atlas_eqx as ae
 import optimizers as iopt
-from experiments import _bench
+from experiments.bench import _scan as _bench
 
 
 def _recorder(calls: list[str], name: str):

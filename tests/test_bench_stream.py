@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _bench_peers as bp, _bench_stream as bs
-from experiments._cli import main
+from experiments.bench import _peers as bp, _stream as bs, _stream_scan as scan, _subprocess as sub
+from experiments.cli import main
 
 
-MEMORIES = tuple(bs.STREAM_MEMORIES)
+MEMORIES = tuple(scan.STREAM_MEMORIES)
 
 
 def _leaves(state):
@@ -28,22 +28,22 @@ def _leaves(state):
 def test_streaming_with_the_carried_state_equals_one_scan_float64(name):
     """Three calls of 16 tokens (chunk 8) with the carried `OmegaState` = one `omega_scan`
     over the 48 tokens: every read and the final state (weights, momentum, window)."""
-    setup = bs.stream_setup(name, head_dim=8, chunk=8, dtype=jnp.float64)
+    setup = scan.stream_setup(name, head_dim=8, chunk=8, dtype=jnp.float64)
     key = jax.random.key(3)
-    pieces = [bs.stream_inputs(key, i, 16, 8, jnp.float64) for i in range(3)]
-    state = bs.initial_stream_state(setup)
+    pieces = [scan.stream_inputs(key, i, 16, 8, jnp.float64) for i in range(3)]
+    state = scan.initial_stream_state(setup)
     ys = []
     for q, k, v in pieces:
-        y, state = bs.stream_scan(setup, state, q, k, v)
+        y, state = scan.stream_scan(setup, state, q, k, v)
         ys.append(y)
     whole = [jnp.concatenate(parts) for parts in zip(*pieces, strict=True)]
-    y_one, state_one = bs.stream_scan(setup, bs.initial_stream_state(setup), *whole)
+    y_one, state_one = scan.stream_scan(setup, scan.initial_stream_state(setup), *whole)
     assert y_one.dtype == jnp.float64
     np.testing.assert_allclose(np.concatenate(ys), y_one, rtol=1e-10, atol=1e-12)
     for a, b in zip(_leaves(state), _leaves(state_one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     # The carried state moved: the calls did write the memory.
-    w0 = _leaves(bs.initial_stream_state(setup).memory)
+    w0 = _leaves(scan.initial_stream_state(setup).memory)
     assert any(not np.allclose(a, b) for a, b in zip(_leaves(state.memory), w0, strict=True))
 
 
@@ -55,18 +55,18 @@ def test_the_compiled_bench_call_is_one_program_and_equals_one_scan_float32():
     # rounding to the percent level within these 96 tokens (jit against eager, measured), so
     # a float32 comparison cannot tell a wrong program from rounding there; at a step of 0.05
     # it is contracting. The float64 test above checks the preset's own step exactly.
-    setup = {**bs.stream_setup(name, head_dim=8, chunk=8), "lr": 0.05}
-    call = bs.make_stream_call(setup, 32, seed=5)
-    state = bs.initial_stream_state(setup)
+    setup = {**scan.stream_setup(name, head_dim=8, chunk=8), "lr": 0.05}
+    call = scan.make_stream_call(setup, 32, seed=5)
+    state = scan.initial_stream_state(setup)
     totals = []
     for index in range(3):
         state, total = call(state, index)
         totals.append(float(total))
     assert call.traces[0] == 1  # pyright: ignore[reportFunctionMemberAccess]
     key = jax.random.key(5)
-    pieces = [bs.stream_inputs(key, jnp.uint32(i), 32, 8, jnp.float32) for i in range(3)]
+    pieces = [scan.stream_inputs(key, jnp.uint32(i), 32, 8, jnp.float32) for i in range(3)]
     whole = [jnp.concatenate(parts) for parts in zip(*pieces, strict=True)]
-    y_one, state_one = bs.stream_scan(setup, bs.initial_stream_state(setup), *whole)
+    y_one, state_one = scan.stream_scan(setup, scan.initial_stream_state(setup), *whole)
     assert y_one.dtype == jnp.float32
     np.testing.assert_allclose(
         totals, [float(jnp.sum(y)) for y in jnp.split(y_one, 3)], rtol=1e-4, atol=1e-4
@@ -78,7 +78,7 @@ def test_the_compiled_bench_call_is_one_program_and_equals_one_scan_float32():
 
 
 def test_the_setup_is_the_presets_memory_configuration():
-    atlas = bs.stream_setup("atlas (exact Muon)", head_dim=64, chunk=16)
+    atlas = scan.stream_setup("atlas (exact Muon)", head_dim=64, chunk=16)
     c = atlas["config"]
     assert (c.memory, c.optimizer, c.objective, c.window, c.chunk_size) == (
         "mlp",
@@ -92,17 +92,17 @@ def test_the_setup_is_the_presets_memory_configuration():
     assert atlas["memory"].weights[0].shape == (256, 64)  # hidden 4 d_v
     assert atlas["memory"].weights[0].dtype == jnp.float32
     assert not c.muon_per_chunk
-    assert bs.stream_setup("atlas muon_per_chunk", 64, 16)["config"].muon_per_chunk
-    titans = bs.stream_setup("titans", 64, 16)["config"]
+    assert scan.stream_setup("atlas muon_per_chunk", 64, 16)["config"].muon_per_chunk
+    titans = scan.stream_setup("titans", 64, 16)["config"]
     assert (titans.optimizer, titans.window, titans.feature_map) == ("momentum", 1, "identity")
-    assert "muon (5 NS steps)" in bs.describe_setup(atlas)
+    assert "muon (5 NS steps)" in scan.describe_setup(atlas)
     with pytest.raises(ValueError, match="unknown memory"):
-        bs.stream_setup("nope", 8, 8)
+        scan.stream_setup("nope", 8, 8)
 
 
 def _in_process(spec, threads, timeout_s):
-    result = bs.measure_stream(spec)
-    result["peak_rss_mib"] = bp._peak_rss_mib()
+    result = scan.measure_stream(spec)
+    result["peak_rss_mib"] = sub._peak_rss_mib()
     return result
 
 
@@ -169,9 +169,9 @@ def test_exact_muon_runs_only_where_its_measured_speed_fits_the_budget():
     config = bs.StreamBenchConfig(
         lengths=(4096, 8192, 65536), exact_lengths=(4096,), exact_budget_s=10.0, call_tokens=1024
     )
-    run, calls = _fake_run({bs.EXACT: 1000.0, "atlas muon_per_chunk": 1e4, "titans": 1e5})
+    run, calls = _fake_run({scan.EXACT: 1000.0, "atlas muon_per_chunk": 1e4, "titans": 1e5})
     rows, notes = bs.run_stream_benchmark(config, run=run)
-    exact = [T for name, T in calls if name == bs.EXACT]
+    exact = [T for name, T in calls if name == scan.EXACT]
     assert exact == [4096, 8192]  # 8192 / 1000 = 8 s fits; 65536 / 1000 = 66 s does not
     assert [T for name, T in calls if name == "titans"] == [4096, 8192, 65536]
     assert len(notes) == 1 and "65,536" in notes[0] and "66 s" in notes[0]
@@ -246,7 +246,7 @@ def test_the_stream_part_in_its_pinned_subprocesses(tmp_path):
     assert len(rows) == 1 and "error" not in rows[0], rows
     assert rows[0]["peak_rss_mib"] >= rows[0]["rss_imports_mib"] > 0
     assert rows[0]["compilations"] == 1 and rows[0]["finite"]
-    assert pathlib.Path(bs.__file__).name == "_bench_stream.py"
+    assert pathlib.Path(bs.__file__).name == "_stream.py"
 
 
 def test_a_subprocess_peak_is_its_own_not_the_parents():
@@ -258,11 +258,11 @@ def test_a_subprocess_peak_is_its_own_not_the_parents():
     if not pathlib.Path("/proc/self/status").exists():
         pytest.skip("needs /proc")
     ballast = np.ones(600 * 2**20 // 8)  # make sure this process has a peak above 600 MiB
-    rss = bp._rss_mib()
-    parent_peak = bp._peak_rss_mib()  # read after: the high-water mark cannot fall below it
+    rss = sub._rss_mib()
+    parent_peak = sub._peak_rss_mib()  # read after: the high-water mark cannot fall below it
     assert parent_peak >= rss > 550
-    code = "from experiments._bench_peers import _peak_rss_mib; print(_peak_rss_mib())"
-    env = bp._child_environment(1)
+    code = "from experiments.bench._subprocess import _peak_rss_mib; print(_peak_rss_mib())"
+    env = sub._child_environment(1)
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -295,9 +295,9 @@ def test_stream_memories_selects_the_rows(no_peers, tmp_path):
     # The parser's choices are the module's names.
     import argparse
 
-    from experiments._cli import build_parser
+    from experiments.cli import build_parser
 
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     bench = commands.choices["bench"]
     option = next(a for a in bench._actions if a.dest == "stream_memories")
-    assert list(option.choices or ()) == list(bs.STREAM_MEMORIES)
+    assert list(option.choices or ()) == list(scan.STREAM_MEMORIES)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import atlas_eqx as ae
-from experiments import _train
-from experiments._cli import build_parser, main
-from experiments._config import add_config_arguments, config_from_args
-from experiments._run import TrainConfig
-from experiments._train import CheckpointError
+from experiments.cli import build_parser, main
+from experiments.training import _train
+from experiments.training._config import add_config_arguments, config_from_args
+from experiments.training._run import TrainConfig
+from experiments.training._train import CheckpointError
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

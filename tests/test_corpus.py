@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import experiments as ex
-from experiments import _corpus
+from experiments.tasks import _corpus, _corpus_fetch
 
 
 def test_shipped_excerpt_is_small_public_domain_text():
@@ -32,7 +32,7 @@ def test_shipped_excerpt_is_small_public_domain_text():
 def test_excerpt_ships_in_the_package_data_directory():
     for name in (*_corpus.EXCERPT_FILES, "adjectives.txt", "nouns.txt"):
         path = _corpus._DATA_DIR / name
-        assert path.is_file() and path.parent.parent.name == "experiments"
+        assert path.is_file() and path.parents[2].name == "experiments"
 
 
 def test_splits_are_disjoint_by_document_and_cover_every_document():
@@ -56,13 +56,13 @@ def test_kjv_books_are_split_at_their_headings():
     books = _corpus.KJV_OLD_TESTAMENT + _corpus.KJV_NEW_TESTAMENT
     body = {book: f"{book} 1\n\n  1 Verse of {book}.\n\n{book} 2\n\n  1 More.\n" for book in books}
     text = "\n" + "\n".join(body.values())
-    out = _corpus.split_kjv_books(text)
+    out = _corpus_fetch.split_kjv_books(text)
     assert list(out) == [f"kjv/{book}" for book in books]
     for book in books:
         assert out[f"kjv/{book}"] == body[book].strip("\n")
     assert out["kjv/John"].startswith("John 1") and out["kjv/1 John"].startswith("1 John 1")
     with pytest.raises(ValueError, match="Jude"):
-        _corpus.split_kjv_books(text.replace("\nJude 1\n", "\n"))
+        _corpus_fetch.split_kjv_books(text.replace("\nJude 1\n", "\n"))
 
 
 def _xdr_int(value: int) -> bytes:
@@ -108,7 +108,7 @@ def test_r_lazyload_reader_on_a_hand_built_database():
     variables += names_attr
     index = HEADER + _xdr_int(19) + _xdr_int(3) + variables + _xdr_int(19) + _xdr_int(0)
     index += _xdr_int(10) + _xdr_int(1) + _xdr_int(1)
-    out = _corpus.read_r_lazyload_strings(gzip.compress(index), rdb)
+    out = _corpus_fetch.read_r_lazyload_strings(gzip.compress(index), rdb)
     assert out == objects
 
 

@@ -21,7 +21,7 @@ from jaxtyping import TypeCheckError
 import atlas_eqx as ae
 import feature_maps as fm
 import optimizers as iopt
-from experiments._cli import main
+from experiments.cli import main
 
 
 D_MODEL, N_HEADS, T = 16, 2, 8

@@ -23,7 +23,7 @@ import feature_maps as fm
 import optimizers as iopt
 from atlas_eqx import _exact_chunked
 from atlas_eqx._exact_chunked import execution_block, has_exact_form
-from experiments._bench_peers import load_fla_naive
+from experiments.bench._peer_packages import load_fla_naive
 
 
 D_K, D_V = 3, 2

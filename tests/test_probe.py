@@ -1,4 +1,4 @@
-"""The write-strength probe (experiments/_probe.py) against closed forms and planted failures."""
+"""The write-strength probe (experiments/studies/_probe.py) against closed forms and planted failures."""
 
 import math
 
@@ -6,8 +6,8 @@ import jax
 import pytest
 
 import atlas_eqx as ae
-from experiments import _probe
-from experiments._cli import main
+from experiments.cli import main
+from experiments.studies import _probe
 
 
 def _linear_layer(eta: float, *, optimizer: str = "gd", init_std: float | None = 0.0, d=8, H=2):

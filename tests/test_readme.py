@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments._cli import main
+from experiments.cli import main
 
 
 README = pathlib.Path(__file__).parent.parent / "README.md"

@@ -11,26 +11,28 @@ import pytest
 import atlas_eqx as ae
 import experiments as ex
 import feature_maps as fm
-from experiments._capacity import _write_then_read
-from experiments._cli import main
-from experiments._results import RESULTS
-from experiments._results_probes import (
+from experiments.cli import main
+from experiments.studies._capacity_run import (
     _capacity_stream_fn,
     _features64,
     _online_reads,
     capacity_feature_map,
-    distinct_contexts,
     exact_recall,
     feature_dim,
+    least_squares_reads,
+    sphere_feature_dim,
+)
+from experiments.studies._niah_probe_run import (
+    distinct_contexts,
     haystack_bytes,
     haystack_keys_values,
-    least_squares_reads,
     NiahProbeConfig,
     probe_memories,
     probe_tables,
     run_niah_probe,
-    sphere_feature_dim,
 )
+from experiments.studies._registry import RESULTS
+from experiments.tasks._capacity import _write_then_read
 
 
 def test_exact_recall_is_the_relative_error_threshold():

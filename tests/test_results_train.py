@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import experiments._results_train as rt
 from experiments import s_niah
-from experiments._cli import main
-from experiments._results import RESULTS
-from experiments._train import evaluate, IGNORE_INDEX
+from experiments.cli import main
+from experiments.studies import _lm as lm, _niah_extrapolate as niah, _trained_results as trained
+from experiments.studies._registry import RESULTS
+from experiments.training._train import evaluate, IGNORE_INDEX
 
 
 def test_bits_per_byte_is_mean_nll_over_ln2():
     # Four bytes, each predicted with probability 1/4: ln 4 nats = 2 bits each.
-    assert rt.bits_per_byte(4 * math.log(4.0), 4) == pytest.approx(2.0, rel=1e-15)
-    assert rt.bits_per_byte(math.log(2.0), 1) == pytest.approx(1.0, rel=1e-15)
+    assert trained.bits_per_byte(4 * math.log(4.0), 4) == pytest.approx(2.0, rel=1e-15)
+    assert trained.bits_per_byte(math.log(2.0), 1) == pytest.approx(1.0, rel=1e-15)
     with pytest.raises(ValueError, match="num_bytes"):
-        rt.bits_per_byte(1.0, 0)
+        trained.bits_per_byte(1.0, 0)
 
 
 def test_a_uniform_byte_model_scores_eight_bits_per_byte():
@@ -35,7 +35,7 @@ def test_a_uniform_byte_model_scores_eight_bits_per_byte():
     metrics = evaluate(uniform, [(inputs, targets)])
     assert metrics["bits_per_token"] == pytest.approx(8.0, rel=1e-12)
     count = int(np.sum(targets != IGNORE_INDEX))
-    assert rt.bits_per_byte(metrics["loss"] * count, count) == pytest.approx(8.0, rel=1e-12)
+    assert trained.bits_per_byte(metrics["loss"] * count, count) == pytest.approx(8.0, rel=1e-12)
 
 
 def test_answer_exact_match_by_hand():
@@ -48,7 +48,7 @@ def test_answer_exact_match_by_hand():
     )
     predicted = jnp.array([[3, 2, 1, 0], [1, 0, 2, 0], [0, 0, 0, 0]])  # row 1: one byte wrong
     logits = jax.nn.one_hot(predicted, 4)
-    assert rt.answer_exact_match(logits, targets).tolist() == [True, False, True]
+    assert trained.answer_exact_match(logits, targets).tolist() == [True, False, True]
 
 
 def test_exact_match_and_byte_accuracy_on_s_niah_with_a_copying_model():
@@ -62,14 +62,14 @@ def test_exact_match_and_byte_accuracy_on_s_niah_with_a_copying_model():
         return jax.nn.one_hot(jnp.roll(tokens, -1), 256)
 
     assert evaluate(copy_next, batches)["accuracy"] == pytest.approx(6 / 7, rel=1e-12)
-    assert rt.exact_match_rate(copy_next, batches) == 0.0
+    assert trained.exact_match_rate(copy_next, batches) == 0.0
     oracle = jax.nn.one_hot(jnp.where(task.targets == IGNORE_INDEX, 0, task.targets), 256)
-    assert bool(jnp.all(rt.answer_exact_match(oracle, jnp.asarray(task.targets))))
+    assert bool(jnp.all(trained.answer_exact_match(oracle, jnp.asarray(task.targets))))
 
 
 def test_next_byte_targets_extend_the_answer_targets_to_every_byte():
     task = s_niah(3, 600, "pk", seed=1)
-    full = rt.next_byte_targets(task)
+    full = niah.next_byte_targets(task)
     scored = task.targets != IGNORE_INDEX
     np.testing.assert_array_equal(full[scored], task.targets[scored])
     for row, n in enumerate(task.metadata["lengths"]):
@@ -87,7 +87,7 @@ def test_registry_names(capsys):
 
 
 def test_lm_variants_are_one_change_each_to_atlas():
-    variants = {name: (preset, options) for name, preset, options in rt.LM_VARIANTS}
+    variants = {name: (preset, options) for name, preset, options in lm.LM_VARIANTS}
     atlas = dict(variants["atlas"][1])
     for name, change in [
         ("atlas w/o Muon (GD + momentum)", {"optimizer": "momentum"}),
@@ -107,7 +107,7 @@ def test_lm_variants_are_one_change_each_to_atlas():
 @pytest.mark.parametrize("name", ["mqar-state", "lm", "niah-extrapolate"])
 def test_quick_command_writes_its_files(name, tmp_path, monkeypatch, capsys):
     # Without a fetched corpus the LM result falls back to the shipped excerpt, and says so.
-    monkeypatch.setattr(rt, "default_cache_dir", lambda: tmp_path / "no-corpus")
+    monkeypatch.setattr(lm, "default_cache_dir", lambda: tmp_path / "no-corpus")
     out = tmp_path / name
     assert main(["results", name, "--quick", "--no-progress", "--out", str(out)]) == 0
     text = (out / "results.md").read_text()

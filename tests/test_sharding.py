@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import atlas_eqx as ae
-from experiments._run import TrainConfig, training_mesh
+from experiments.training._run import TrainConfig, training_mesh
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

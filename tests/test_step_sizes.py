@@ -15,8 +15,8 @@ import pytest
 import atlas_eqx as ae
 from atlas_eqx import presets
 from atlas_eqx._memory import _spectral_norm_squared
-from experiments._probe import EXTREME_MOMENTUM, growth_probe
-from experiments._train import weight_decay_mask
+from experiments.studies._probe import EXTREME_MOMENTUM, growth_probe
+from experiments.training._train import weight_decay_mask
 
 
 def _gauss_newton_top(memory: ae.AbstractMemory, x: jax.Array) -> float:
@@ -192,9 +192,9 @@ MAIN_JOB_PRESETS = ["atlas", "omeganet", "titans", "gated_deltanet", "transforme
 
 
 def _train_at(name: str, lr: float, steps: int):
-    from experiments._mqar import multiquery_ar
-    from experiments._recall import mqar_batches
-    from experiments._train import OptimConfig, train
+    from experiments.tasks._mqar import multiquery_ar
+    from experiments.training._recall import mqar_batches
+    from experiments.training._train import OptimConfig, train
 
     task = multiquery_ar(256, 32, 64, 4, seed=0)
     model = ae.LanguageModel(64, 32, 1, 2, key=jax.random.key(0), mixer=name)

@@ -9,18 +9,17 @@ import jax
 import numpy as np
 import pytest
 
-from experiments._babilong import ACTORS, LOCATIONS, MOVE_VERBS
-from experiments._cli import main as cli
-from experiments._stream import (
+from experiments.cli import main as cli
+from experiments.tasks._babilong import ACTORS, LOCATIONS, MOVE_VERBS
+from experiments.training._stream import stream_run
+from experiments.training._stream_data import (
     _distractor_sentences,  # noqa: I001
     generate_stream,
-    stream_compare,
-    stream_run,
-    stream_sweep,
     StreamConfig,
     Vocabulary,
     words,
 )
+from experiments.training._stream_sweep import stream_compare, stream_sweep
 
 
 SMALL = StreamConfig(tokens=4096, call_tokens=512, facts=24, questions=96, checkpoint_every=2)
@@ -110,7 +109,7 @@ def test_resume_after_an_interruption_gives_the_same_final_state(tmp_path):
 
 def test_ctrl_c_saves_the_last_complete_call_and_resumes_exactly(tmp_path, monkeypatch):
     whole = stream_run(SMALL, progress=False)
-    import experiments._stream as module
+    import experiments.training._stream as module
 
     calls = []
     original = module.resident_mb

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import experiments as ex
-from experiments import _babilong, _mad, _mqar, _niah
-from experiments._tasks import split_sentences
+from experiments.tasks import _babilong, _mad, _mqar, _niah
+from experiments.tasks._token_task import split_sentences
 
 
 seeds = st.integers(0, 2**31 - 1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import atlas_eqx as ae
-from experiments._train import (
+from experiments.training._train import (
     IGNORE_INDEX,
     load_checkpoint,
     make_optimizer,

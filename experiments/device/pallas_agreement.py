@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import atlas_eqx as ae
 import optimizers as iopt
-from experiments import _bench
+from experiments.bench import _scan as _bench
 
 
 TOLERANCE = 1e-4

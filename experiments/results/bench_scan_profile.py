@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 import atlas_eqx as ae
 import optimizers as iopt
-from experiments import _bench
+from experiments.bench import _scan as _bench
 
 
 T, B, D, WINDOW, ROUNDS = 8192, 64, 64, 4, 21

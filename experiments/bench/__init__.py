@@ -1,0 +1,17 @@
+"""Benchmarks (`atlas-eqx bench`): the chunked scan against the sequential oracle, the exact
+chunk-parallel form, our layers against titans-pytorch and fla, and streaming inference.
+
+Builds on `experiments.training`; nothing in `experiments` but the CLI imports it.
+"""
+
+from ._exact import ExactBenchConfig as ExactBenchConfig, run_exact_benchmark as run_exact_benchmark
+from ._peer_packages import PeersMissing as PeersMissing
+from ._peers import run_peers_benchmark as run_peers_benchmark
+from ._peers_runs import PeersBenchConfig as PeersBenchConfig, QUICK_CONFIG as QUICK_CONFIG
+from ._scan import run_scan_benchmark as run_scan_benchmark, ScanBenchConfig as ScanBenchConfig
+from ._stream import (
+    QUICK_STREAM_CONFIG as QUICK_STREAM_CONFIG,
+    run_stream_benchmark as run_stream_benchmark,
+    StreamBenchConfig as StreamBenchConfig,
+    TEN_MILLION as TEN_MILLION,
+)
