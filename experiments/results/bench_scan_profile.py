@@ -1,4 +1,4 @@
-"""A profile behind `bench_scan_cpu.md` (stop 16), not a benchmark: why the chunked linear GD
+"""A profile behind `bench_scan_cpu.md` (its first section, with the floor row), not a benchmark: why the chunked linear GD
 forward stops short of 10x the sequential oracle on a 2-core CPU.
 
     python experiments/results/bench_scan_profile.py
