@@ -316,3 +316,15 @@ def test_float32_layer_stays_float32_and_agrees():
     assert y.dtype == jnp.float32 and y.shape == (9, D_MODEL)
     assert single.init_state(4).keys.dtype == jnp.float32
     close(y, call(layer, jnp.asarray(x)), 1e-5)
+
+
+def test_transformer_preset_has_the_short_convolution_and_zero_is_the_llama_layer():
+    key = jax.random.PRNGKey(3)
+    shipped = ae.presets.transformer(D_MODEL, HEADS, key=key)
+    assert shipped.conv_size == 4 and shipped.conv_weight is not None
+    assert shipped.conv_weight.shape == (3 * D_MODEL, 4)
+    llama = ae.presets.transformer(D_MODEL, HEADS, key=key, conv_size=0)
+    plain = ae.AttentionLayer(D_MODEL, HEADS, key=key)
+    x = jnp.asarray(inputs(0, 7))
+    np.testing.assert_array_equal(np.asarray(call(llama, x)), np.asarray(call(plain, x)))
+    assert not np.allclose(np.asarray(call(shipped, x)), np.asarray(call(plain, x)))
