@@ -68,14 +68,14 @@ def probe_memories() -> tuple[ProbeMemory, ...]:
         ),
         ProbeMemory("deltanet", fm.Identity(), 1, ae.l2, "phi = id, delta rule (`ae.l2`), c = 1"),
         ProbeMemory(
-            "atlas-like, Taylor phi",
+            "linear Omega c=4, Taylor phi",
             fm.Polynomial(2),
             4,
             ae.l2,
             "phi = `Polynomial(2)` (a = 1, 1, 1/2: dim 153), Omega window c = 4, GD",
         ),
         ProbeMemory(
-            "atlas-like, degree-2 phi",
+            "linear Omega c=4, degree-2 phi",
             fm.Polynomial(2, include_constant=False, coefficients=(1e-4, 1.0)),
             4,
             ae.l2,
