@@ -1,10 +1,16 @@
 """Benchmarks (`atlas-eqx bench`): the chunked scan against the sequential oracle, the exact
-chunk-parallel form, our layers against titans-pytorch and fla, and streaming inference.
+chunk-parallel form, our layers against titans-pytorch and fla, streaming inference, and
+FLOPs per token by part with the fraction of a matmul's speed reached.
 
 Builds on `experiments.training`; nothing in `experiments` but the CLI imports it.
 """
 
 from ._exact import ExactBenchConfig as ExactBenchConfig, run_exact_benchmark as run_exact_benchmark
+from ._flops import count_flops as count_flops, FlopCount as FlopCount
+from ._flops_bench import (
+    FlopsBenchConfig as FlopsBenchConfig,
+    run_flops_benchmark as run_flops_benchmark,
+)
 from ._peer_packages import PeersMissing as PeersMissing
 from ._peers import run_peers_benchmark as run_peers_benchmark
 from ._peers_runs import PeersBenchConfig as PeersBenchConfig, QUICK_CONFIG as QUICK_CONFIG

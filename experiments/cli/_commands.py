@@ -3,6 +3,7 @@ importing the subpackage it drives when it runs, and the help texts of the optio
 from a configuration class. The parser: `_main.py`."""
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -172,6 +173,26 @@ def _bench_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_flops(args: argparse.Namespace) -> int:
+    from ..bench import FlopsBenchConfig, run_flops_benchmark
+
+    heads = args.n_heads * len(args.d_model) if len(args.n_heads) == 1 else args.n_heads
+    if len(heads) != len(args.d_model):
+        raise SystemExit("atlas-eqx bench flops: give one --n-heads, or one per --d-model")
+    config = FlopsBenchConfig(
+        sizes=tuple(zip(args.d_model, heads, strict=True)),
+        seq_len=args.seq_len,
+        batch=args.batch,
+        gemm_size=args.gemm_size,
+        repeats=5 if args.repeats is None else args.repeats,
+        out_dir=args.out_dir or "experiments/results/bench-flops",
+    )
+    if args.presets is not None:
+        config = dataclasses.replace(config, presets=tuple(args.presets))
+    run_flops_benchmark(config, command="atlas-eqx " + shlex.join(args.argv))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..bench import run_scan_benchmark, ScanBenchConfig
 
@@ -189,9 +210,12 @@ def _bench(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    if args.what == "flops":
+        return _bench_flops(args)
     if args.what != "scan":
         raise SystemExit(
-            f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers, exact"
+            f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers, "
+            "exact, flops"
         )
     config = ScanBenchConfig(
         lengths=tuple(args.lengths),

@@ -141,9 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments/results/bench_peers/. bench exact: the exact chunk-parallel delta / Omega "
         "rule (execution blocks --block-sizes) against the sequential recurrence and fla's "
         "torch chunkwise form, d 64 and 128, c 1 and 3, at the longest of --lengths; writes "
-        "experiments/results/exact-chunked/.",
+        "experiments/results/exact-chunked/. bench flops: FLOPs per token of each preset's layer, "
+        "forward and forward+backward, split into memory, feature map, Newton-Schulz, attention "
+        "and the rest, and the fraction of a float32 matmul's FLOP/s reached, timed in one run; "
+        "writes experiments/results/bench-flops/.",
     )
-    bench.add_argument("what", choices=["scan", "peers", "exact"], help="which benchmark to run")
+    bench.add_argument(
+        "what", choices=["scan", "peers", "exact", "flops"], help="which benchmark to run"
+    )
     bench.add_argument(
         "--block-sizes",
         type=int,
@@ -191,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir",
         default=None,
         help="peers: default experiments/results/bench_peers; exact: "
-        "experiments/results/exact-chunked",
+        "experiments/results/exact-chunked; flops: experiments/results/bench-flops",
     )
     bench.add_argument(
         "--skip",
@@ -226,6 +231,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peers: layer rows to run (default: ours titans, titans-pytorch, titans-pytorch "
         "batch_size=chunk, ours atlas, ours atlas muon_per_chunk)",
+    )
+    from ..studies import ALL_PRESETS
+
+    bench.add_argument(
+        "--presets", nargs="+", default=None, choices=ALL_PRESETS, help="flops: default all"
+    )
+    bench.add_argument(
+        "--d-model",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="flops: model widths, one table each (default 64)",
+    )
+    bench.add_argument(
+        "--n-heads", type=int, nargs="+", default=[4], help="flops: heads, one per --d-model"
+    )
+    bench.add_argument("--seq-len", type=int, default=2048, help="flops: T (default 2048)")
+    bench.add_argument("--batch", type=int, default=1, help="flops: sequences (default 1)")
+    bench.add_argument(
+        "--gemm-size", type=int, default=1024, help="flops: n of the n^3 matmul (default 1024)"
     )
     bench.set_defaults(run=_bench)
 
