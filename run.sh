@@ -6,6 +6,7 @@
 #   ./run.sh test-slow    the slow tests only
 #   ./run.sh lint         ruff check + ruff format --check
 #   ./run.sh typecheck    pyright
+# ATLAS_EQX_EXTRAS adds extras to the environment (CI sets `bench` for the torch cross-checks).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,13 +18,15 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/atla
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0}"
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="${JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES:-0}"
 
+EXTRAS="test,dev,plot${ATLAS_EQX_EXTRAS:+,$ATLAS_EQX_EXTRAS}"
+
 ensure_venv() {
-    if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-        echo "setting up $VENV (once) ..." >&2
+    if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$(cat "$STAMP")" != "$EXTRAS" ]; then
+        echo "setting up $VENV with [$EXTRAS] (once) ..." >&2
         "$PYTHON" -m venv "$VENV"
         "$VENV/bin/pip" install -q --upgrade pip
-        "$VENV/bin/pip" install -q -e '.[test,dev,plot]'
-        touch "$STAMP"
+        "$VENV/bin/pip" install -q -e ".[$EXTRAS]"
+        echo "$EXTRAS" >"$STAMP"
     fi
 }
 

@@ -2,9 +2,20 @@ import gc
 import os
 import pathlib
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+
+# XLA's CPU runtime runs independent operations of one program at once on its thread pool,
+# one thread per core unless PJRT_NPROC says otherwise. A batched triangular solve large enough
+# (the exact-chunked DeltaNet form) hands its matrices to that same pool and blocks until they
+# are done: two such solves at once on a pool of two block both threads with their work still
+# queued, and the process waits forever (jaxlib 0.10.2; `test_layer_properties` hung this way
+# on two cores, in `lapack_dtrsm_ffi` -> `ParallelBatchMap` -> `BlockingCounter::Wait` on both
+# pool threads). On a pool of one the solve runs its matrices itself. Tests run one process
+# per core (pytest-xdist), so one thread each costs nothing. Set before JAX starts its backend.
+os.environ.setdefault("PJRT_NPROC", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 
 # Identities are checked in float64; tests that need float32 ask for it explicitly.
