@@ -119,6 +119,24 @@ def _sum_over_tokens(x: Array, L: int, c: int) -> Array:
     return functools.reduce(jnp.add, shifted)
 
 
+def unit_lower_inverse(strict_lower: Float[Array, "n n"]) -> Float[Array, "n n"]:
+    r"""$(I + N)^{-1}$ for a strictly lower triangular $N$, by halving:
+    $$\begin{pmatrix}A & 0\\ C & B\end{pmatrix}^{-1} = \begin{pmatrix}A^{-1} & 0\\
+    -B^{-1}CA^{-1} & B^{-1}\end{pmatrix},$$
+    so $\lceil\log_2 n\rceil$ levels of matrix products (block forward substitution, as stable
+    as a triangular solve). Not `solve_triangular`: XLA:CPU hands a batched one to the thread
+    pool it runs on, and two at once on a pool of two threads deadlocked (jaxlib 0.10.2)."""
+    n = strict_lower.shape[-1]
+    if n == 1:
+        return jnp.ones_like(strict_lower)
+    h = n // 2
+    upper_inverse = unit_lower_inverse(strict_lower[:h, :h])
+    lower_inverse = unit_lower_inverse(strict_lower[h:, h:])
+    corner = -lower_inverse @ strict_lower[h:, :h] @ upper_inverse
+    top = jnp.concatenate([upper_inverse, jnp.zeros((h, n - h), strict_lower.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([corner, lower_inverse], axis=1)], axis=0)
+
+
 def _block_inputs(
     features_e: Float[Array, "n_e d_in"],
     values_e: Float[Array, "n_e d_out"],
@@ -155,9 +173,7 @@ def _block_inputs(
         coupling = jnp.where(earlier, D[evaluated_at][:, 1:], 0.0)
         coupling = per_pair(per_pair(coupling.T).T) * writes[None, :]
         coupling = coupling * _pair_gram(features_e @ features_e.T, L, c)
-        inverse = jax.scipy.linalg.solve_triangular(
-            inverse + coupling, inverse, lower=True, unit_diagonal=True
-        )
+        inverse = unit_lower_inverse(coupling)
     # X~ = Z Phi_E and U = Z_v V_E, with the pairs of one token summed (X = S Phi_E).
     Z = _sum_over_tokens(inverse * rhs_decay[None, :], L, c)
     if not affine_in_prediction:  # dot: r = -v whatever the weights

@@ -230,6 +230,17 @@ def test_outer_gradients_match_finite_differences():
     np.testing.assert_allclose(analytic, numeric, rtol=1e-7)
 
 
+@given(n=st.sampled_from([1, 2, 3, 8, 13]), scale=st.sampled_from([0.1, 1.0]), seed=SEEDS)
+def test_unit_lower_inverse_is_the_inverse(n, scale, seed):
+    """(I + N)^-1 by halving equals NumPy's inverse, and is unit lower triangular (float64)."""
+    rng = np.random.default_rng(seed)
+    strict = np.tril(scale * rng.standard_normal((n, n)), -1)
+    inverse = np.asarray(_exact_chunked.unit_lower_inverse(jnp.asarray(strict)))
+    np.testing.assert_allclose(inverse, np.linalg.inv(np.eye(n) + strict), rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(np.triu(inverse, 1), 0.0)
+    np.testing.assert_array_equal(np.diag(inverse), 1.0)
+
+
 def test_dispatch_and_execution_block():
     """Which models take the exact form, and the block actually run (a multiple of b)."""
     key = jax.random.PRNGKey(0)
