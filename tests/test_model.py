@@ -476,10 +476,14 @@ def real_count(model: eqx.Module) -> int:
     return sum(int(np.size(x)) for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
 
 
+TRANSFORMER_CONV = 4
+"""The `transformer` preset's short convolution: `conv_size` taps on each of q, k, v."""
+
+
 def transformer_closed_form(vocab: int, d: int, layers: int, hidden: int, tied: bool) -> int:
-    """Embedding, per block W_Q, W_K, W_V, W_O (d x d), SwiGLU (3 d h) and two norm scales,
-    the final norm, and the head when untied."""
-    per_block = 4 * d * d + 3 * d * hidden + 2 * d
+    """Embedding, per block W_Q, W_K, W_V, W_O (d x d), the short convolution (3 d K), SwiGLU
+    (3 d h) and two norm scales, the final norm, and the head when untied."""
+    per_block = 4 * d * d + 3 * d * TRANSFORMER_CONV + 3 * d * hidden + 2 * d
     return vocab * d * (1 if tied else 2) + layers * per_block + d
 
 
@@ -549,7 +553,7 @@ def test_parameter_counts_rows_and_table() -> None:
             PAPER_VOCAB_SIZE, c.d_model, c.n_layers, default_mlp_hidden(c.d_model), True
         )
         assert row.parameters == expected
-        assert row.mixer_parameters_per_block == 4 * c.d_model**2
+        assert row.mixer_parameters_per_block == 4 * c.d_model**2 + 3 * c.d_model * TRANSFORMER_CONV
         assert row.reported == row.config and row.source is not None
         assert row.relative_difference == pytest.approx(
             (expected - c.nominal_parameters) / c.nominal_parameters
