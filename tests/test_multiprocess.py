@@ -30,8 +30,11 @@ TINY += ["--n-heads", "2", "--batch-size", "4", "--num-train", "64", "--num-test
 TINY += ["--steps", str(STEPS), "--eval-every", "0", "--no-progress"]
 
 
-def _atlas_eqx(*argv: str) -> subprocess.CompletedProcess:
+def _atlas_eqx(*argv: str, devices: int = 1) -> subprocess.CompletedProcess:
     env = dict(os.environ)
+    if devices > 1:
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag).strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     done = subprocess.run(
         [sys.executable, "-m", "experiments", *argv],
@@ -45,11 +48,13 @@ def _atlas_eqx(*argv: str) -> subprocess.CompletedProcess:
     return done
 
 
-def _train(run: pathlib.Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+def _train(
+    run: pathlib.Path, processes: int, *extra: str, devices: int = 1
+) -> subprocess.CompletedProcess:
     argv = ["train", *TINY, "--out-dir", str(run), *extra]
-    return (
-        _atlas_eqx(*argv) if processes == 1 else _atlas_eqx("launch", "-n", str(processes), *argv)
-    )
+    if processes > 1:
+        argv = ["launch", "-n", str(processes), *argv]
+    return _atlas_eqx(*argv, devices=devices)
 
 
 def _losses(run: pathlib.Path) -> tuple[list[int], np.ndarray]:
@@ -85,15 +90,20 @@ def test_two_processes_match_one_process(one_process, tmp_path):
 
 @pytest.mark.slow
 def test_resume_across_a_change_in_process_count(one_process, tmp_path):
-    # 2 processes for steps 1-2, 1 process for steps 3-4, 2 processes for step 5.
+    # 2 processes for steps 1-2, 1 process for steps 3-4, then step 5 on 2 processes of 2
+    # devices each with the heads split within each process.
     run = tmp_path / "changing"
     _train(run, 2, "--stop-after", "2")
     _train(run, 1, "--stop-after", "4")
-    _train(run, 2)
+    _train(run, 2, "--mesh", "data=2,heads=2", devices=2)
     steps, losses = _losses(run)
     assert steps == list(range(1, STEPS + 1))
     np.testing.assert_allclose(losses, _losses(one_process)[1], rtol=0, atol=1e-6)
     assert abs(_final_eval(run) - _final_eval(one_process)) <= 1e-6
+    # The checkpoint gathered from the head-split arrays of both processes holds that model.
+    evaluated = json.loads(_atlas_eqx("eval", str(run)).stdout)
+    assert evaluated["step"] == STEPS
+    assert abs(evaluated["loss"] - _final_eval(run)) <= 1e-6
 
 
 def test_the_launcher_stops_the_others_when_one_fails(capsys):
