@@ -79,7 +79,7 @@ def launch(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None = No
             if failed:
                 index, code = failed[0]
                 status = code if code > 0 else 1
-                if any(code is None for code in codes):
+                if None in codes:
                     with lock:
                         print(
                             f"atlas-eqx launch: process {index} exited with status {code}; "
