@@ -66,7 +66,13 @@ _TRAIN_HELP = {
     "seed": "PRNG seed of data and initialisation",
     "out_dir": "run directory: config.json, checkpoint.eqx, metrics.jsonl, eval.json",
     "mesh": "device mesh, e.g. data=4,heads=2: batch split over data, memory/attention heads "
-    "over heads; sizes multiply to the device count (empty: one device)",
+    "over heads; sizes multiply to the device count of all processes (empty: one device, or "
+    "data=<all devices> with several processes)",
+    "num_processes": "processes of a multi-process job (jax.distributed; one per host); "
+    "`atlas-eqx launch -n N train ...` starts N on this machine",
+    "process_id": "this process's index in [0, num_processes); process 0 writes the run directory",
+    "coordinator": "HOST:PORT that process 0 serves the job on (same in every process; "
+    "needed when num_processes > 1)",
 }
 
 
@@ -74,9 +80,18 @@ def _train(args: argparse.Namespace) -> int:
     from ..training import config_from_args, run_training, TrainConfig
 
     config = config_from_args(TrainConfig, args)
-    metrics = run_training(config, progress=not args.no_progress)
-    print(json.dumps(metrics, indent=2))
+    if args.stop_after is not None and args.stop_after < 1:
+        raise SystemExit(f"--stop-after must be >= 1; got {args.stop_after}")
+    metrics = run_training(config, progress=not args.no_progress, stop_after=args.stop_after)
+    if config.process_id == 0:
+        print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from ._launch import launch_local
+
+    return launch_local(args.num_processes, args.child, debug=args.debug)
 
 
 def _eval(args: argparse.Namespace) -> int:

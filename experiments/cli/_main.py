@@ -8,6 +8,7 @@ from ._commands import (
     _bench,
     _data,
     _eval,
+    _launch,
     _params,
     _plot,
     _probe,
@@ -61,7 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(train, TrainConfig, _TRAIN_HELP)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop (after a checkpoint) once this many steps are done in total, as if "
+        "interrupted; rerunning resumes, and the schedule stays the one of --steps",
+    )
     train.set_defaults(run=_train)
+
+    launch = commands.add_parser(
+        "launch",
+        help="run `train` as N processes on this machine (CPU collectives over gloo)",
+        description="launch -n N train ...: start N processes of `atlas-eqx train ...` with "
+        "--num-processes N --process-id i --coordinator 127.0.0.1:<a free port>, each line "
+        "of their output prefixed with [i]. If one fails, the others are stopped and the "
+        "exit status is the failed one's.",
+    )
+    launch.add_argument("-n", "--num-processes", type=int, required=True, help="processes to start")
+    launch.add_argument(
+        "child", nargs=argparse.REMAINDER, help="the subcommand and its flags, e.g. train ..."
+    )
+    launch.set_defaults(run=_launch)
 
     evaluate = commands.add_parser(
         "eval", help="evaluate the checkpoint of a run directory on its test/valid split"
@@ -302,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [word for word in argv if word != "--debug"]
     args = build_parser().parse_args(argv)
     args.argv = argv
+    args.debug = debug
     try:
         return args.run(args)
     except (ValueError, OSError, FloatingPointError) as error:

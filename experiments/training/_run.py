@@ -19,6 +19,7 @@ import atlas_eqx as ae
 from ..tasks._corpus import excerpt_documents, load_corpus
 from ..tasks._mqar import multiquery_ar
 from ._config import save_config
+from ._distributed import barrier, initialize_processes, is_primary, parse_coordinator
 from ._recall import layout_options, mqar_batches, mqar_eval_batches
 from ._train import Batch, evaluate, load_checkpoint, make_optimizer, OptimConfig, train
 
@@ -57,6 +58,9 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     mesh: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+    coordinator: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -92,6 +96,7 @@ class TrainConfig:
             raise ValueError(f"`preset_options` is not JSON: {error}") from None
         if not isinstance(options, dict):
             raise ValueError("`preset_options` must be a JSON object of config fields")
+        self._check_processes()
         if self.mesh:
             try:
                 sizes = ae.parse_mesh(self.mesh)
@@ -107,6 +112,42 @@ class TrainConfig:
                     f"`mesh` (--mesh {self.mesh}): heads={sizes['heads']} does not divide "
                     f"`n_heads`={self.n_heads}"
                 )
+            if sizes["data"] % self.num_processes:
+                raise ValueError(
+                    f"`mesh` (--mesh {self.mesh}): the data axis spans the processes, so "
+                    f"data={sizes['data']} must be a multiple of "
+                    f"`num_processes`={self.num_processes}"
+                )
+
+    def _check_processes(self) -> None:
+        if self.num_processes < 1:
+            raise ValueError(f"`num_processes` must be >= 1; got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(
+                f"`process_id` must lie in [0, num_processes) = [0, {self.num_processes}); "
+                f"got {self.process_id}"
+            )
+        if self.num_processes == 1:
+            if self.coordinator:
+                raise ValueError(
+                    f"`coordinator` ({self.coordinator!r}) is only used with `num_processes` "
+                    "> 1; drop it or pass --num-processes"
+                )
+            return
+        if not self.coordinator:
+            raise ValueError(
+                f"`num_processes`={self.num_processes} needs `coordinator` (--coordinator "
+                "HOST:PORT, the address process 0 serves on; every process passes the same)"
+            )
+        try:
+            parse_coordinator(self.coordinator)
+        except ValueError as error:
+            raise ValueError(f"`coordinator`: {error}") from None
+        if self.batch_size % self.num_processes:
+            raise ValueError(
+                f"`batch_size`={self.batch_size} must be a multiple of "
+                f"`num_processes`={self.num_processes} (each process feeds an equal slice)"
+            )
 
     @property
     def model_vocab(self) -> int:
@@ -198,10 +239,13 @@ def _optim(config: TrainConfig) -> OptimConfig:
 
 
 def training_mesh(config: TrainConfig) -> Mesh | None:
-    """The device mesh of `config.mesh` (`None` when empty: one device). Raises `SystemExit`
-    naming `--mesh` when the axis sizes do not multiply to `jax.device_count()`."""
+    """The device mesh of `config.mesh`; when it is empty, `None` (one device) for one process
+    and `data=<all devices of all processes>` for several. Raises `SystemExit` naming `--mesh`
+    when the axis sizes do not multiply to `jax.device_count()`."""
     if not config.mesh:
-        return None
+        if config.num_processes == 1:
+            return None
+        return ae.make_mesh({"data": jax.device_count()})
     try:
         return ae.make_mesh(config.mesh)
     except ValueError as error:
@@ -211,6 +255,7 @@ def training_mesh(config: TrainConfig) -> Mesh | None:
 # Fields a run may change when it resumes: where and how it runs, how often it reports, and
 # `steps` (extending a run; the learning-rate schedule is then the one for the new total).
 _RESUMABLE_CHANGES = ("mesh", "out_dir", "eval_every", "checkpoint_every", "steps")
+_RESUMABLE_CHANGES += ("num_processes", "process_id", "coordinator")
 
 
 def _check_same_run(out: pathlib.Path, saved_path: pathlib.Path, config: TrainConfig) -> None:
@@ -242,7 +287,13 @@ def run_training(
     """Train (resuming from the run directory's checkpoint if there is one) and evaluate.
     `stop_after` stops after that many steps in total, as if interrupted (`train`).
     With `config.mesh` (e.g. `"data=4,heads=2"`) the batch is split over the data axis and
-    the heads over the heads axis (`atlas_eqx.parameter_shardings`)."""
+    the heads over the heads axis (`atlas_eqx.parameter_shardings`).
+
+    With `config.num_processes` > 1 this process first joins the job (`jax.distributed`; so
+    it must run before any other JAX computation here), the mesh spans every process's
+    devices with the data axis across processes, and only process 0 writes the run
+    directory; every process reads the checkpoint it resumes from."""
+    initialize_processes(config.num_processes, config.process_id, config.coordinator)
     out = pathlib.Path(config.out_dir)
     mesh = training_mesh(config)
     saved = out / "config.json"
@@ -254,14 +305,18 @@ def run_training(
     # Everything the run needs is built before the directory is written.
     batch_fn, eval_batches = task_data(config)
     model = build_language_model(config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
+    primary = is_primary()
+    # Every process has read config.json before process 0 replaces it.
+    barrier("atlas-eqx train: run directory checked")
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, saved)
     result = train(
         model,
         batch_fn,
         steps=config.steps,
         optim=_optim(config),
-        eval_fn=lambda model: evaluate(model, eval_batches),
+        eval_fn=lambda model: evaluate(model, eval_batches, mesh),
         eval_every=config.eval_every,
         log_path=out / "metrics.jsonl",
         checkpoint_path=checkpoint,
@@ -273,7 +328,8 @@ def run_training(
     )
     final = dict(result.evaluations[-1]) if result.evaluations else {}
     final["train_tokens_per_second"] = result.tokens_per_second
-    (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
+    if primary:
+        (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
     return final
 
 

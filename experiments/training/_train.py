@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 import atlas_eqx as ae
 
+from ._distributed import check_same_everywhere, is_primary, to_host
+
 
 IGNORE_INDEX = -100
 
@@ -181,10 +183,11 @@ def shard_training_state(
 
 
 def shard_batch(batch: Batch, mesh: Mesh) -> tuple[Array, Array]:
-    """Split `(inputs, targets)` over the mesh's `"data"` axis (first dimension)."""
+    """Split `(inputs, targets)` over the mesh's `"data"` axis (first dimension). Every
+    process passes the whole batch and transfers only its own devices' rows."""
     inputs, targets = batch
     sharding = ae.batch_sharding(mesh, np.ndim(inputs))
-    return ae.shard(jnp.asarray(inputs), sharding), ae.shard(jnp.asarray(targets), sharding)
+    return ae.shard(np.asarray(inputs), sharding), ae.shard(np.asarray(targets), sharding)
 
 
 @eqx.filter_jit
@@ -193,11 +196,18 @@ def _eval_batch(model, inputs, targets):
     return masked_cross_entropy(logits, targets)
 
 
-def evaluate(model: Callable, batches: Iterable[Batch]) -> dict[str, float]:
-    """Mean cross-entropy (nats per scored token), bits per scored token and accuracy."""
+def evaluate(
+    model: Callable, batches: Iterable[Batch], mesh: Mesh | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy (nats per scored token), bits per scored token and accuracy. With a
+    `mesh`, each batch is split over its `"data"` axis (`shard_batch`)."""
     total = count = correct = 0.0
-    for inputs, targets in batches:
-        t, n, c = _eval_batch(model, jnp.asarray(inputs), jnp.asarray(targets))
+    for batch in batches:
+        if mesh is None:
+            inputs, targets = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+        else:
+            inputs, targets = shard_batch(batch, mesh)
+        t, n, c = _eval_batch(model, inputs, targets)
         total, count, correct = total + float(t), count + float(n), correct + float(c)
     if count == 0:
         raise ValueError("evaluate: the batches contain no scored position (all targets -100)")
@@ -322,6 +332,9 @@ def train(
       the memory / attention heads over its `"heads"` axis (`atlas_eqx.parameter_shardings`).
       The computed function is the same as without a mesh, up to floating-point summation
       order. A checkpoint written with one mesh resumes on any other (it stores host arrays).
+    - Several processes (`jax.distributed`, a `mesh` over all their devices): every process
+      calls `train` with the same arguments; only process 0 writes the log and checkpoints,
+      every process reads the checkpoint it resumes from (they must agree on its step).
     """
     if steps < 1:
         raise ValueError(f"train: `steps` must be >= 1; got {steps}")
@@ -335,10 +348,12 @@ def train(
                 f"train: {checkpoint_path} is at step {start}, beyond `steps`={steps}; pass "
                 f"steps >= {start} to resume or extend it"
             )
+    check_same_everywhere(start, f"the step to resume from ({checkpoint_path})")
+    primary = is_primary()
     if mesh is not None:
         model, opt_state = shard_training_state(model, opt_state, optimizer, mesh)
     step_fn = make_train_step(optim, steps, mesh)
-    log = open(log_path, "a") if log_path is not None else None
+    log = open(log_path, "a") if log_path is not None and primary else None
     history: list[dict[str, float]] = []
     evaluations: list[dict[str, float]] = []
     end = steps if stop_after is None else min(steps, stop_after)
@@ -349,6 +364,11 @@ def train(
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
+
+    def checkpoint(done: int) -> None:
+        host_model, host_opt_state = to_host((model, opt_state))  # every process gathers
+        if checkpoint_path is not None and primary:
+            save_checkpoint(checkpoint_path, host_model, host_opt_state, done)
 
     def run_eval(step: int) -> None:
         if eval_fn is None:
@@ -363,7 +383,7 @@ def train(
         total=steps,
         initial=start,
         desc=description,
-        disable=not progress,
+        disable=not progress or not primary,
         leave=False,
         dynamic_ncols=True,
     )
@@ -400,11 +420,11 @@ def train(
             bar.update(1)
             done = step + 1
             if checkpoint_path is not None and checkpoint_every and done % checkpoint_every == 0:
-                save_checkpoint(checkpoint_path, model, opt_state, done)
+                checkpoint(done)
             if eval_every and done % eval_every == 0 and done < steps:
                 run_eval(done)
         if checkpoint_path is not None and end > start:
-            save_checkpoint(checkpoint_path, model, opt_state, end)
+            checkpoint(end)
         if end == steps:
             run_eval(steps)
     finally:
