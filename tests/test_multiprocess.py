@@ -74,6 +74,7 @@ def one_process(tmp_path_factory) -> pathlib.Path:
     return run
 
 
+@pytest.mark.slow  # three fresh JAX processes (~25 s on idle cores): CI runs it with the slow tests
 def test_two_processes_match_one_process(one_process, tmp_path):
     run = tmp_path / "two"
     done = _train(run, 2)

@@ -27,7 +27,7 @@ CHOSEN_LR = {
     "omeganet": 1e-2,
     "titans": 1e-2,
     "gated_deltanet": 1e-2,
-    "transformer": 3e-3,
+    "transformer": 1e-2,
 }
 """Outer (AdamW) learning rate per preset: the best mean validation accuracy over 3 seeds among
 3e-3, 1e-2 and 2e-2 (`experiments/results/mqar-sweep/results.md`)."""

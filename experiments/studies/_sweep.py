@@ -15,6 +15,7 @@ stopped.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import pathlib
@@ -252,7 +253,48 @@ def format_sweep(records: Sequence[dict], config: SweepConfig) -> str:
             else:
                 cells.append(f"{r['validation']:.3f} / {r['test']:.3f}")
         lines.append(f"| {preset} | {lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + _reading(summaries, groups, config))
+
+
+def _reading(
+    summaries: Sequence[SweepSummary],
+    groups: dict[tuple[str, float], list[dict]],
+    config: SweepConfig,
+) -> list[str]:
+    """What the table can and cannot say: which adjacent differences exceed twice the seed
+    range, and the confounds (parameter counts, rates at the grid's edge, divergences)."""
+    ranked = sorted(summaries, key=lambda s: -s.test_mean)
+    lines = [
+        "Reading (a difference counts as resolved only when it exceeds twice the larger of the "
+        "two seed ranges):",
+        "",
+    ]
+    for better, worse in itertools.pairwise(ranked):
+        gap = better.test_mean - worse.test_mean
+        spread = 2 * max(better.test_max - better.test_min, worse.test_max - worse.test_min)
+        verdict = "resolved" if gap > spread else "not resolved"
+        lines.append(
+            f"- {better.preset} - {worse.preset}: {gap:+.3f} against twice the seed range "
+            f"{spread:.3f}: {verdict}."
+        )
+    counts = [s.parameters for s in summaries]
+    edge = [s.preset for s in summaries if s.lr in (min(config.lrs), max(config.lrs))]
+    diverged = sum(
+        r["diverged_at"] is not None for (preset, _), runs in groups.items() for r in runs
+    )
+    lines += [
+        "",
+        "Confounds:",
+        "",
+        f"- Parameter counts are not equal: {min(counts):,} to {max(counts):,} "
+        f"({max(counts) / min(counts) - 1:.0%} apart); every preset is at its defaults at "
+        "d_model 64.",
+        "- Chosen rates at the edge of the grid (the best may lie beyond it): "
+        + (", ".join(edge) if edge else "none")
+        + ".",
+        f"- Runs whose loss became non-finite: {diverged}.",
+    ]
+    return lines
 
 
 def chosen_learning_rates(records: Sequence[dict], config: SweepConfig) -> dict[str, float]:
