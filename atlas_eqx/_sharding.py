@@ -155,7 +155,7 @@ def _attention_specs(layer: AttentionLayer, mesh: Mesh) -> PyTree:
             return _leading(leaf.ndim)
         if field == "wo":  # (d_model, H * d_h)
             return PartitionSpec(None, "heads")
-        return PartitionSpec()  # persistent tokens
+        return PartitionSpec()  # persistent tokens; conv_weight (channels [q; k; v])
 
     return jax.tree_util.tree_map_with_path(spec, layer)
 
