@@ -30,10 +30,12 @@ W_L = D[L, 0]\,W_0 - (c\odot R)^\top X,$$
 
 with $P[i, (m, o)] = [m \le i]\,D[i+1, m+1]\,\eta_m\gamma_{m,o}\,(q_i^\top\phi_{m-o})$ and
 $c[(m, o)] = D[L, m+1]\,\eta_m\gamma_{m,o}$. The pairs read only the $L + c - 1$ tokens
-$\Phi_E$ of the block's extended set ($X = S\Phi_E$ with a 0/1 selection $S$), so with
-$\tilde X = Z\Phi_E$ and $H = \Phi_EW_0^\top$ the loop's work does not grow with $c$:
-$H$, $Y = D[\cdot+1, 0]\odot(QW_0^\top) - (PZ)H + PU$ and
-$W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - U))^\top\Phi_E$.
+$\Phi_E$, $V_E$ of the block's extended set ($X = S\Phi_E$, $V_X = SV_E$ with a 0/1 selection
+$S$), so $\tilde X = Z\Phi_E$ and $U = Z_vV_E$ with $Z = (I+T)^{-1}\mathrm{diag}(D[e, 0])S$
+and $Z_v = (I+T)^{-1}S$. With $H = \Phi_EW_0^\top$ the loop's
+work does not grow with $c$, and everything it multiplies by the state is $(L + c - 1)$ wide:
+$Y = D[\cdot+1, 0]\odot(QW_0^\top) - (PZ)H + (PZ_v)V_E$ and
+$W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - Z_vV_E))^\top\Phi_E$.
 
 For $b = 1$ and $c = 1$ this is fla's chunkwise delta rule (the UT transform); for `dot`,
 $T = 0$ and it is chunked linear attention. The block
@@ -47,11 +49,10 @@ form and keep the frozen-anchor chunk loop of `atlas_eqx._chunked`, where the ch
 part of the model (as in Titans and ATLAS).
 """
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 import optimizers as iopt
@@ -90,51 +91,62 @@ class _BlockInputs(eqx.Module):
     """Everything of one block (stacked over blocks) that does not depend on the state."""
 
     features: Float[Array, "*blocks n_e d_in"]  # Phi_E: the block's steps and c - 1 before
+    values: Float[Array, "*blocks n_e d_out"]  # V_E
     queries: Float[Array, "*blocks L d_in"]  # Q
     read_decay: Float[Array, "*blocks L"]  # D[i + 1, 0]
     read_tokens: Float[Array, "*blocks L n_e"]  # P Z
-    read_values: Float[Array, "*blocks L d_out"]  # P U
+    read_value_tokens: Float[Array, "*blocks L n_e"]  # P Z_v
     end_decay: Float[Array, "*blocks"]  # D[L, 0]
     end_tokens: Float[Array, "*blocks n_e n_e"]  # S^T diag(c) Z
-    end_values: Float[Array, "*blocks n_e d_out"]  # S^T diag(c) U
+    end_value_tokens: Float[Array, "*blocks n_e n_e"]  # S^T diag(c) Z_v
 
 
-def _pairs(x: Array, L: int, c: int) -> Array:
-    """Rows of extended tokens `(L + c - 1, ...)` -> rows of (step m, offset o) pairs
-    `(L c, ...)`: pair (m, o) is the token o steps behind step m, extended token m + c - 1 - o."""
-    return jnp.stack([x[c - 1 - o : c - 1 - o + L] for o in range(c)], 1).reshape(L * c, -1)
+def _pair_selection(L: int, c: int, dtype) -> Array:
+    """The 0/1 matrix $S$ `(L c, L + c - 1)` taking the block's extended tokens to its (step m,
+    offset o) pairs: pair (m, o) reads the token o steps behind step m, extended token
+    m + c - 1 - o. A constant, so the gathers below are matrix products (and so are their
+    gradients)."""
+    pair = np.arange(L * c)
+    token = pair // c + c - 1 - pair % c
+    return jnp.asarray(token[:, None] == np.arange(L + c - 1)[None, :], dtype)
 
 
-def _pair_gram(gram: Array, L: int, c: int) -> Array:
-    """The Gram matrix of the extended tokens `(L + c - 1, L + c - 1)` -> that of the pairs."""
-    rows = [_pairs(gram[c - 1 - o : c - 1 - o + L].T, L, c) for o in range(c)]  # [o]: (L c, L)
-    return jnp.stack(rows, 2).reshape(L * c, L * c)
-
-
-def _sum_over_tokens(x: Array, L: int, c: int) -> Array:
-    """Columns over pairs `(..., L c)` -> columns over extended tokens `(..., L + c - 1)`,
-    summing the pairs that read the same token (the transpose of `_pairs`)."""
-    by_offset = x.reshape(x.shape[0], L, c)
-    shifted = [jnp.pad(by_offset[:, :, o], ((0, 0), (c - 1 - o, o))) for o in range(c)]
-    return functools.reduce(jnp.add, shifted)
-
-
+@jax.custom_vjp
 def unit_lower_inverse(strict_lower: Float[Array, "n n"]) -> Float[Array, "n n"]:
     r"""$(I + N)^{-1}$ for a strictly lower triangular $N$, by halving:
     $$\begin{pmatrix}A & 0\\ C & B\end{pmatrix}^{-1} = \begin{pmatrix}A^{-1} & 0\\
     -B^{-1}CA^{-1} & B^{-1}\end{pmatrix},$$
     so $\lceil\log_2 n\rceil$ levels of matrix products (block forward substitution, as stable
     as a triangular solve). Not `solve_triangular`: XLA:CPU hands a batched one to the thread
-    pool it runs on, and two at once on a pool of two threads deadlocked (jaxlib 0.10.2)."""
+    pool it runs on, and two at once on a pool of two threads deadlocked (jaxlib 0.10.2).
+
+    Its gradient is the inverse's, $\bar N = -\mathrm{tril}_{-1}(M^\top\bar MM^\top)$ with
+    $M = (I + N)^{-1}$: two matrix products instead of the transposed recursion."""
+    return _halving_inverse(strict_lower)
+
+
+def _halving_inverse(strict_lower: Array) -> Array:
     n = strict_lower.shape[-1]
     if n == 1:
         return jnp.ones_like(strict_lower)
     h = n // 2
-    upper_inverse = unit_lower_inverse(strict_lower[:h, :h])
-    lower_inverse = unit_lower_inverse(strict_lower[h:, h:])
+    upper_inverse = _halving_inverse(strict_lower[:h, :h])
+    lower_inverse = _halving_inverse(strict_lower[h:, h:])
     corner = -lower_inverse @ strict_lower[h:, :h] @ upper_inverse
     top = jnp.concatenate([upper_inverse, jnp.zeros((h, n - h), strict_lower.dtype)], axis=1)
     return jnp.concatenate([top, jnp.concatenate([corner, lower_inverse], axis=1)], axis=0)
+
+
+def _unit_lower_inverse_forward(strict_lower):
+    inverse = _halving_inverse(strict_lower)
+    return inverse, inverse
+
+
+def _unit_lower_inverse_backward(inverse, cotangent):
+    return (-jnp.tril(inverse.T @ cotangent @ inverse.T, -1),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_forward, _unit_lower_inverse_backward)
 
 
 def _block_inputs(
@@ -160,38 +172,38 @@ def _block_inputs(
     writes = (lr[:, None] * step_gates).reshape(-1)  # eta_m gamma_{m,o}
 
     read_weights = jnp.where(step[:, None] >= step[None, :], D[1:, 1:], 0.0)  # [i, m]
-    query_pairs = _pairs(features_e @ queries.T, L, c).T  # q_i . phi_(m, o)
+    S = _pair_selection(L, c, dtype)
+    query_pairs = (queries @ features_e.T) @ S.T  # q_i . phi_(m, o)
     read_pairs = per_pair(read_weights.T).T * writes[None, :] * query_pairs  # P
     end_pairs = per_pair(D[L, 1:]) * writes  # c
 
     anchor = (step // chunk_size) * chunk_size  # a(i), a position
     evaluated_at = step + 1 if decay_first else anchor  # e_i
     rhs_decay = per_pair(D[evaluated_at, 0])
-    inverse = jnp.eye(L * c, dtype=dtype)  # (I + T)^-1
+    n_e = features_e.shape[0]
+    # X~ = Z Phi_E and U = Z_v V_E (X = S Phi_E, V_X = S V_E): sums over the block's tokens.
+    right_hand_sides = jnp.concatenate([rhs_decay[:, None] * S, S], axis=1)
     if affine_in_prediction and chunk_size < L:
         earlier = step[None, :] + 1 <= anchor[:, None]  # [i, m]: m's write is in W_{a(i)}
         coupling = jnp.where(earlier, D[evaluated_at][:, 1:], 0.0)
         coupling = per_pair(per_pair(coupling.T).T) * writes[None, :]
-        coupling = coupling * _pair_gram(features_e @ features_e.T, L, c)
-        inverse = unit_lower_inverse(coupling)
-    # X~ = Z Phi_E and U = Z_v V_E, with the pairs of one token summed (X = S Phi_E).
-    Z = _sum_over_tokens(inverse * rhs_decay[None, :], L, c)
-    if not affine_in_prediction:  # dot: r = -v whatever the weights
-        Z = jnp.zeros_like(Z)
-    U = _sum_over_tokens(inverse, L, c) @ values_e
-
-    def sum_rows_over_tokens(x):  # S^T x
-        return _sum_over_tokens(x.T, L, c).T
+        coupling = coupling * (S @ (features_e @ features_e.T) @ S.T)
+        right_hand_sides = unit_lower_inverse(coupling) @ right_hand_sides
+    if not affine_in_prediction:  # dot: r = -v whatever the weights, so Z = 0
+        right_hand_sides = right_hand_sides.at[:, :n_e].set(0.0)
+    read = read_pairs @ right_hand_sides  # [P Z | P Z_v]
+    end = (S.T * end_pairs[None, :]) @ right_hand_sides  # S^T diag(c) [Z | Z_v]
 
     return _BlockInputs(
         features=features_e,
+        values=values_e,
         queries=queries,
         read_decay=D[1:, 0],
-        read_tokens=read_pairs @ Z,
-        read_values=read_pairs @ U,
+        read_tokens=read[:, :n_e],
+        read_value_tokens=read[:, n_e:],
         end_decay=D[L, 0],
-        end_tokens=sum_rows_over_tokens(end_pairs[:, None] * Z),
-        end_values=sum_rows_over_tokens(end_pairs[:, None] * U),
+        end_tokens=end[:, :n_e],
+        end_value_tokens=end[:, n_e:],
     )
 
 
@@ -234,8 +246,9 @@ def exact_linear_scan(
         block = jax.tree.map(lambda x: x[k], blocks)
         H = block.features @ W.T  # W_0 phi_j for the block's tokens
         y = block.read_decay[:, None] * (block.queries @ W.T) - block.read_tokens @ H
-        y = y + block.read_values
-        W = block.end_decay * W - (block.end_tokens @ H - block.end_values).T @ block.features
+        y = y + block.read_value_tokens @ block.values
+        correction = block.end_tokens @ H - block.end_value_tokens @ block.values
+        W = block.end_decay * W - correction.T @ block.features
         return W, y
 
     W, y = _scan_chunk_indices(body, memory.weight, blocks.read_decay.shape[0], remat)
