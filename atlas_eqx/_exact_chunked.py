@@ -32,10 +32,13 @@ with $P[i, (m, o)] = [m \le i]\,D[i+1, m+1]\,\eta_m\gamma_{m,o}\,(q_i^\top\phi_{
 $c[(m, o)] = D[L, m+1]\,\eta_m\gamma_{m,o}$. The pairs read only the $L + c - 1$ tokens
 $\Phi_E$, $V_E$ of the block's extended set ($X = S\Phi_E$, $V_X = SV_E$ with a 0/1 selection
 $S$), so $\tilde X = Z\Phi_E$ and $U = Z_vV_E$ with $Z = (I+T)^{-1}\mathrm{diag}(D[e, 0])S$
-and $Z_v = (I+T)^{-1}S$. With $H = \Phi_EW_0^\top$ the loop's
-work does not grow with $c$, and everything it multiplies by the state is $(L + c - 1)$ wide:
+and $Z_v = (I+T)^{-1}S$. With $H = \Phi_EW_0^\top$ the loop's work does not grow with $c$,
+and everything it multiplies by the state is $(L + c - 1)$ wide:
 $Y = D[\cdot+1, 0]\odot(QW_0^\top) - (PZ)H + (PZ_v)V_E$ and
-$W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - Z_vV_E))^\top\Phi_E$.
+$W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - Z_vV_E))^\top\Phi_E$. Per block the loop makes
+three products: $[\Phi_E; D\odot Q]W_0^\top$, the precomputed mixing
+$\begin{pmatrix}-PZ & PZ_v\\ -E_Z & E_{Z_v}\end{pmatrix}$ ($E = S^\top\mathrm{diag}(c)$) times
+$[H; V_E]$, and the write into $W$.
 
 For $b = 1$ and $c = 1$ this is fla's chunkwise delta rule (the UT transform); for `dot`,
 $T = 0$ and it is chunked linear attention. The block
@@ -64,7 +67,7 @@ from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
 
-DEFAULT_BLOCK_SIZE = 32
+DEFAULT_BLOCK_SIZE = 16
 """Steps per execution block when `block_size=None` (`atlas-eqx bench exact`, see
 `experiments/results/exact-chunked/results.md`)."""
 
@@ -90,15 +93,10 @@ def execution_block(chunk_size: int, block_size: int | None) -> int:
 class _BlockInputs(eqx.Module):
     """Everything of one block (stacked over blocks) that does not depend on the state."""
 
-    features: Float[Array, "*blocks n_e d_in"]  # Phi_E: the block's steps and c - 1 before
+    rows: Float[Array, "*blocks n_rows d_in"]  # [Phi_E; diag(D[i + 1, 0]) Q]
     values: Float[Array, "*blocks n_e d_out"]  # V_E
-    queries: Float[Array, "*blocks L d_in"]  # Q
-    read_decay: Float[Array, "*blocks L"]  # D[i + 1, 0]
-    read_tokens: Float[Array, "*blocks L n_e"]  # P Z
-    read_value_tokens: Float[Array, "*blocks L n_e"]  # P Z_v
+    mixing: Float[Array, "*blocks n_rows two_n_e"]  # [[-P Z, P Z_v], [-E Z, E Z_v]]
     end_decay: Float[Array, "*blocks"]  # D[L, 0]
-    end_tokens: Float[Array, "*blocks n_e n_e"]  # S^T diag(c) Z
-    end_value_tokens: Float[Array, "*blocks n_e n_e"]  # S^T diag(c) Z_v
 
 
 def _pair_selection(L: int, c: int, dtype) -> Array:
@@ -111,7 +109,7 @@ def _pair_selection(L: int, c: int, dtype) -> Array:
     return jnp.asarray(token[:, None] == np.arange(L + c - 1)[None, :], dtype)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def unit_lower_inverse(strict_lower: Float[Array, "n n"]) -> Float[Array, "n n"]:
     r"""$(I + N)^{-1}$ for a strictly lower triangular $N$, by halving:
     $$\begin{pmatrix}A & 0\\ C & B\end{pmatrix}^{-1} = \begin{pmatrix}A^{-1} & 0\\
@@ -120,8 +118,9 @@ def unit_lower_inverse(strict_lower: Float[Array, "n n"]) -> Float[Array, "n n"]
     as a triangular solve). Not `solve_triangular`: XLA:CPU hands a batched one to the thread
     pool it runs on, and two at once on a pool of two threads deadlocked (jaxlib 0.10.2).
 
-    Its gradient is the inverse's, $\bar N = -\mathrm{tril}_{-1}(M^\top\bar MM^\top)$ with
-    $M = (I + N)^{-1}$: two matrix products instead of the transposed recursion."""
+    Its derivative is the inverse's, $\dot M = -M\,\mathrm{tril}_{-1}(\dot N)\,M$ with
+    $M = (I + N)^{-1}$ (so the gradient is $-\mathrm{tril}_{-1}(M^\top\bar MM^\top)$): two matrix
+    products instead of differentiating the recursion."""
     return _halving_inverse(strict_lower)
 
 
@@ -137,16 +136,11 @@ def _halving_inverse(strict_lower: Array) -> Array:
     return jnp.concatenate([top, jnp.concatenate([corner, lower_inverse], axis=1)], axis=0)
 
 
-def _unit_lower_inverse_forward(strict_lower):
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (strict_lower,), (tangent,) = primals, tangents
     inverse = _halving_inverse(strict_lower)
-    return inverse, inverse
-
-
-def _unit_lower_inverse_backward(inverse, cotangent):
-    return (-jnp.tril(inverse.T @ cotangent @ inverse.T, -1),)
-
-
-unit_lower_inverse.defvjp(_unit_lower_inverse_forward, _unit_lower_inverse_backward)
+    return inverse, -inverse @ jnp.tril(tangent, -1) @ inverse
 
 
 def _block_inputs(
@@ -194,16 +188,12 @@ def _block_inputs(
     read = read_pairs @ right_hand_sides  # [P Z | P Z_v]
     end = (S.T * end_pairs[None, :]) @ right_hand_sides  # S^T diag(c) [Z | Z_v]
 
+    signs = jnp.concatenate([-jnp.ones(n_e, dtype), jnp.ones(n_e, dtype)])
     return _BlockInputs(
-        features=features_e,
+        rows=jnp.concatenate([features_e, D[1:, 0][:, None] * queries]),
         values=values_e,
-        queries=queries,
-        read_decay=D[1:, 0],
-        read_tokens=read[:, :n_e],
-        read_value_tokens=read[:, n_e:],
+        mixing=jnp.concatenate([read, end]) * signs,
         end_decay=D[L, 0],
-        end_tokens=end[:, :n_e],
-        end_value_tokens=end[:, n_e:],
     )
 
 
@@ -242,16 +232,18 @@ def exact_linear_scan(
     assert isinstance(memory, LinearMemory)
     blocks = exact_block_inputs(state, inputs, rule)
 
+    n_e = blocks.values.shape[1]
+
     def body(W, k):
         block = jax.tree.map(lambda x: x[k], blocks)
-        H = block.features @ W.T  # W_0 phi_j for the block's tokens
-        y = block.read_decay[:, None] * (block.queries @ W.T) - block.read_tokens @ H
-        y = y + block.read_value_tokens @ block.values
-        correction = block.end_tokens @ H - block.end_value_tokens @ block.values
-        W = block.end_decay * W - correction.T @ block.features
+        projected = block.rows @ W.T  # [H; D Q W_0^T]
+        H, y = projected[:n_e], projected[n_e:]
+        mixed = block.mixing @ jnp.concatenate([H, block.values])
+        y = y + mixed[: y.shape[0]]
+        W = block.end_decay * W + mixed[y.shape[0] :].T @ block.rows[:n_e]
         return W, y
 
-    W, y = _scan_chunk_indices(body, memory.weight, blocks.read_decay.shape[0], remat)
+    W, y = _scan_chunk_indices(body, memory.weight, blocks.end_decay.shape[0], remat)
     y = y.reshape(-1, d_out)[:T]
     new_memory = eqx.tree_at(lambda m: m.weight, memory, W)
     new_state = carry_window(

@@ -587,30 +587,30 @@ def _with_reference_gradient(forward, reference, state: OmegaState, inputs: Scan
 def _exact_kernel(
     W_ref,
     features_ref,
-    values_ref,
     queries_ref,
-    read_decay_ref,
+    values_ref,
     read_tokens_ref,
     read_value_tokens_ref,
-    end_decay_ref,
     end_tokens_ref,
     end_value_tokens_ref,
+    end_decay_ref,
     y_ref,
     W_out_ref,
     *,
     n_blocks: int,
 ):
     r"""The block loop of `exact_linear_scan`: per block, with $H = \Phi_EW^\top$,
-    $Y = D\odot(QW^\top) - (PZ)H + (PZ_v)V_E$ and
-    $W \leftarrow D_LW - (E_ZH - E_{Z_v}V_E)^\top\Phi_E$."""
+    $Y = (D\odot Q)W^\top - (PZ)H + (PZ_v)V_E$ and
+    $W \leftarrow D_LW - (E_ZH - E_{Z_v}V_E)^\top\Phi_E$ (the mixing matrix of the XLA loop in
+    its four parts: Triton lowers no slices or concatenations inside a kernel)."""
 
     def block(k, W):
         Phi, V = features_ref[k], values_ref[k]
         H = _matmul_nt(Phi, W)
-        y = read_decay_ref[k] * _matmul_nt(queries_ref[k], W) - _matmul(read_tokens_ref[k], H)
+        y = _matmul_nt(queries_ref[k], W) + _matmul(read_tokens_ref[k], H)
         y_ref[k] = (y + _matmul(read_value_tokens_ref[k], V)).astype(y_ref.dtype)
-        correction = _matmul(end_tokens_ref[k], H) - _matmul(end_value_tokens_ref[k], V)
-        return end_decay_ref[k] * W - _matmul_tn(correction, Phi)
+        correction = _matmul(end_tokens_ref[k], H) + _matmul(end_value_tokens_ref[k], V)
+        return end_decay_ref[k] * W + _matmul_tn(correction, Phi)
 
     W = jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_blocks), block, W_ref[...])
     W_out_ref[...] = W.astype(W_out_ref.dtype)
@@ -623,21 +623,21 @@ def _exact_forward(
     memory = state.memory
     assert isinstance(memory, LinearMemory)
     blocks = exact_block_inputs(state, inputs, rule)
-    n_blocks, L = blocks.read_decay.shape
-    n_e = blocks.features.shape[1]
+    n_blocks, n_e = blocks.values.shape[:2]
+    L = blocks.rows.shape[1] - n_e
     size = functools.partial(_padded_size, backend=backend)
     L_p, n_e_p, d_in_p, d_out_p = size(L), size(n_e), size(memory.d_in), size(d_out)
     dtype = memory.weight.dtype
+    read, end = blocks.mixing[:, :L], blocks.mixing[:, L:]  # signs as in the XLA loop
     data = [
-        _pad_to(blocks.features, (n_blocks, n_e_p, d_in_p)),
+        _pad_to(blocks.rows[:, :n_e], (n_blocks, n_e_p, d_in_p)),
+        _pad_to(blocks.rows[:, n_e:], (n_blocks, L_p, d_in_p)),
         _pad_to(blocks.values, (n_blocks, n_e_p, d_out_p)),
-        _pad_to(blocks.queries, (n_blocks, L_p, d_in_p)),
-        _pad_to(blocks.read_decay[..., None], (n_blocks, L_p, 1)),
-        _pad_to(blocks.read_tokens, (n_blocks, L_p, n_e_p)),
-        _pad_to(blocks.read_value_tokens, (n_blocks, L_p, n_e_p)),
+        _pad_to(read[..., :n_e], (n_blocks, L_p, n_e_p)),
+        _pad_to(read[..., n_e:], (n_blocks, L_p, n_e_p)),
+        _pad_to(end[..., :n_e], (n_blocks, n_e_p, n_e_p)),
+        _pad_to(end[..., n_e:], (n_blocks, n_e_p, n_e_p)),
         blocks.end_decay[:, None, None],
-        _pad_to(blocks.end_tokens, (n_blocks, n_e_p, n_e_p)),
-        _pad_to(blocks.end_value_tokens, (n_blocks, n_e_p, n_e_p)),
     ]
     W_p = _pad_matrix(memory.weight, backend)
     out_shape = [

@@ -241,6 +241,33 @@ def test_unit_lower_inverse_is_the_inverse(n, scale, seed):
     np.testing.assert_array_equal(np.diag(inverse), 1.0)
 
 
+@pytest.mark.parametrize("n", [5, 8])
+def test_unit_lower_inverse_derivatives_match_finite_differences(n):
+    """Its own derivative rule, forward (jvp) and reverse (vjp), equals a central difference of
+    NumPy's inverse along a strictly lower direction, in float64."""
+    rng = np.random.default_rng(n)
+    strict = np.tril(0.5 * rng.standard_normal((n, n)), -1)
+    direction = np.tril(rng.standard_normal((n, n)), -1)
+    cotangent = rng.standard_normal((n, n))
+    eps = 1e-6
+    inverse_of = lambda N: np.linalg.inv(np.eye(n) + N)  # noqa: E731
+    expected = (inverse_of(strict + eps * direction) - inverse_of(strict - eps * direction)) / (
+        2 * eps
+    )
+    _, tangent = jax.jvp(
+        _exact_chunked.unit_lower_inverse, (jnp.asarray(strict),), (jnp.asarray(direction),)
+    )
+    np.testing.assert_allclose(np.asarray(tangent), expected, rtol=1e-7, atol=1e-8)
+    _, vjp = jax.vjp(_exact_chunked.unit_lower_inverse, jnp.asarray(strict))
+    (gradient,) = vjp(jnp.asarray(cotangent))
+    np.testing.assert_allclose(
+        float(np.sum(np.asarray(gradient) * direction)),
+        float(np.sum(expected * cotangent)),
+        rtol=1e-7,
+    )
+    np.testing.assert_array_equal(np.triu(np.asarray(gradient)), 0.0)
+
+
 def test_dispatch_and_execution_block():
     """Which models take the exact form, and the block actually run (a multiple of b)."""
     key = jax.random.PRNGKey(0)

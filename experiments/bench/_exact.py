@@ -42,7 +42,7 @@ class ExactBenchConfig:
     length: int = 8192
     dims: tuple[int, ...] = (64, 128)
     windows: tuple[int, ...] = (1, 3)
-    block_sizes: tuple[int, ...] = (16, 32, 64)
+    block_sizes: tuple[int, ...] = (8, 16, 32, 64)
     fla_chunk_sizes: tuple[int, ...] = (32, 64)
     repeats: int = 5
     out_dir: str | None = "experiments/results/exact-chunked"
@@ -231,20 +231,25 @@ def _target_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['d']} | {r['window']} | {r['fwd_bwd_ratio']:.2f} | {target:g} | {met} | "
             f"{versus} |"
         )
+    sequential_rates = ", ".join(
+        f"d {r['d']} c {r['window']}: "
+        f"{r['fwd_tokens_per_s'] * 2 * (2 * r['window'] + 1) * r['d'] ** 2 / 1e9:.0f}"
+        for r in rows
+        if r["name"] == "sequential"
+    )
     lines += [
         "",
-        "Why the forward pass stays near the sequential one here: per token the sequential "
+        "Why the forward pass gains less than forward+backward: per token the sequential "
         "recurrence does (2c + 1) d^2 multiply-adds (c residuals, c rank-1 writes, one read), "
-        "and the chunk-parallel form does about the same d^2 work plus O(L c^2 d) for the block's "
-        "Gram matrix and triangular solve, so it is no cheaper in FLOPs; it can only run them "
-        "as matrix-matrix instead of matrix-vector products. On 2 CPU cores the sequential "
-        "forward already runs at 9-17 Gflop/s (d 64-128) against a measured GEMM peak of about 100 Gflop/s "
-        "(1024^3 float32 matmul), and the batched 32-64-row matmuls of a block reach 30-55 "
-        "Gflop/s, which bounds the forward gain to a small factor. The backward pass of the "
-        "sequential scan differentiates through a per-token `jax.grad` inside `lax.scan` and "
-        "is several times slower than its forward, which is where the exact form gains most. "
-        "On a GPU the balance differs (fla's Triton kernels exist for that reason); this page "
-        "is CPU only.",
+        "and the block loop of the exact form about 3 d^2 (the block's rows times W, the write) "
+        "plus O(L c^2 d) for the block's Gram matrix and triangular solve, so it saves at most "
+        "a factor (2c + 1) / 3 in FLOPs and otherwise only runs them as matrix-matrix instead "
+        "of matrix-vector products. On 2 CPU cores the sequential forward already runs at "
+        f"{sequential_rates} Gflop/s in this run (its counted FLOPs over its time). Its "
+        "backward pass differentiates through a per-token `jax.grad` inside `lax.scan` and is "
+        "many times slower than its forward, which is where the exact form gains most. On a "
+        "GPU the balance differs (fla's Triton kernels exist for that reason); this page is "
+        "CPU only.",
     ]
     return lines
 

@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-sizes",
         type=int,
         nargs="+",
-        default=[16, 32, 64],
-        help="exact: execution blocks to compare (default 16 32 64)",
+        default=[8, 16, 32, 64],
+        help="exact: execution blocks to compare (default 8 16 32 64)",
     )
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 64])
