@@ -190,7 +190,7 @@ def main() -> None:
             else:
                 q_proj, out_proj = mixer.wq.weight, mixer.wo.weight
                 memory_leaf = q_proj
-            adam: Any = cast(Any, s2)[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+            adam: Any = cast(Any, s2).inner_state[1][0]  # chain(clip, adamw): its ScaleByAdamState
             out["runs"].append(
                 dict(
                     preset=preset,

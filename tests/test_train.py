@@ -1,5 +1,6 @@
 """The training loop: schedule, loss, weight-decay mask, learning, and exact resume."""
 
+import dataclasses
 import json
 from typing import Any, cast
 
@@ -7,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import atlas_eqx as ae
@@ -14,11 +16,13 @@ from experiments.training._train import (
     IGNORE_INDEX,
     load_checkpoint,
     make_optimizer,
+    make_train_step,
     masked_cross_entropy,
     OptimConfig,
     save_checkpoint,
     train,
     TrainingDiverged,
+    weight_decay_mask,
 )
 
 
@@ -76,6 +80,31 @@ def test_weight_decay_only_on_matrices():
     updates = cast(dict[str, Any], updates)
     np.testing.assert_allclose(updates["matrix"], -0.1 * 0.5 * np.ones((2, 3)), rtol=1e-6)
     np.testing.assert_array_equal(updates["vector"], np.zeros(3))
+
+
+def test_one_compiled_step_serves_every_learning_rate():
+    """The peak rate is optimizer state: two rates share one compiled step (one trace), and
+    each step equals a plain optax AdamW on the same schedule at that rate."""
+    params = eqx.filter(_model(), eqx.is_inexact_array)
+    base = OptimConfig(lr=1e-2, warmup_steps=0, final_lr_fraction=1.0, clip_norm=1e9)
+    assert make_train_step(base, 10) is make_train_step(dataclasses.replace(base, lr=3e-2), 10)
+    gradients = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+    traces = []
+
+    @jax.jit
+    def update(state):
+        traces.append(1)
+        return make_optimizer(base, 10).update(gradients, state, params)
+
+    for lr in (1e-2, 3e-2):
+        state = make_optimizer(dataclasses.replace(base, lr=lr), 10).init(params)
+        updates, _ = update(state)
+        plain = optax.adamw(lr, b1=base.b1, b2=base.b2, weight_decay=base.weight_decay,
+                            mask=weight_decay_mask)  # fmt: skip
+        expected, _ = plain.update(gradients, plain.init(params), params)
+        for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    assert len(traces) == 1
 
 
 def test_masked_cross_entropy_matches_numpy():

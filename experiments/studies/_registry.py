@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Callable
 
 from ._capacity_page import capacity_result
+from ._claims_page import claims_result
 from ._lm import run_lm
 from ._mqar_state import run_mqar_state
 from ._niah_extrapolate import run_niah_extrapolate
@@ -21,6 +22,7 @@ ResultFunction = Callable[..., str]
 
 RESULTS: dict[str, ResultFunction] = {
     "capacity": capacity_result,
+    "claims": claims_result,
     "niah-probe": niah_probe_result,
     "mqar-state": run_mqar_state,
     "lm": run_lm,

@@ -85,27 +85,35 @@ def weight_decay_mask(params: PyTree) -> PyTree:
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """`clip_by_global_norm` then AdamW on `warmup_cosine_decay_schedule`; weight decay on
     matrices only (`weight_decay_mask`): not on norms' scales, feature-map coefficients or
-    other vectors."""
+    other vectors.
+
+    The peak rate `config.lr` lives in the optimizer state (`optax.inject_hyperparams`; the
+    schedule is `peak_lr` times its shape), so runs that differ only in the rate share one
+    compiled training step (`make_train_step`)."""
     if total_steps < 1:
         raise ValueError(f"make_optimizer: `total_steps` must be >= 1; got {total_steps}")
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
+    shape = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=config.lr,
+        peak_value=1.0,
         warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1),
-        end_value=config.lr * config.final_lr_fraction,
+        end_value=config.final_lr_fraction,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(
-            schedule,
-            b1=config.b1,
-            b2=config.b2,
-            weight_decay=config.weight_decay,
-            mask=weight_decay_mask,
-        ),
-    )
+
+    def adamw_at(peak_lr):
+        return optax.chain(
+            optax.clip_by_global_norm(config.clip_norm),
+            optax.adamw(
+                lambda count: peak_lr * shape(count),
+                b1=config.b1,
+                b2=config.b2,
+                weight_decay=config.weight_decay,
+                mask=weight_decay_mask,
+            ),
+        )
+
+    return optax.inject_hyperparams(adamw_at)(peak_lr=config.lr)
 
 
 def masked_cross_entropy(
@@ -131,15 +139,20 @@ def batch_loss(model: Callable, inputs: Int[Array, "B T"], targets: Int[Array, "
     return total / jnp.maximum(count, 1), (count, correct)
 
 
-@functools.lru_cache(maxsize=16)
 def make_train_step(optim: OptimConfig, total_steps: int, mesh: Mesh | None = None):
     """One jit-compiled step for `make_optimizer(optim, total_steps)`: gradients of
     `batch_loss`, the optax update, and metrics. Cached, so that runs with the same
-    optimizer (a resumed run, a sweep over seeds) reuse the compiled step.
+    optimizer (a resumed run, a sweep over seeds or over `optim.lr`, which the step reads
+    from the optimizer state) reuse the compiled step.
 
     With a `mesh` (`atlas_eqx.make_mesh`), the step expects its arguments placed by
     `shard_training_state` and `shard_batch`, and pins the updated parameters and optimizer
     state to the shardings of `atlas_eqx.parameter_shardings` (data and head parallelism)."""
+    return _train_step(dataclasses.replace(optim, lr=1.0), total_steps, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(optim: OptimConfig, total_steps: int, mesh: Mesh | None):
     optimizer = make_optimizer(optim, total_steps)
 
     @eqx.filter_jit

@@ -1,0 +1,472 @@
+"""`atlas-eqx results claims`: the paper's claims, each tested under one protocol, resumable.
+
+Protocol (every claim):
+
+- three disjoint MQAR splits from independent generator seeds: training, validation, test;
+- an outer learning-rate sweep of `LRS` per model, run at seed 0, the rate chosen on the
+  *validation* split; the other seeds then run at the chosen rate; the page reports *test*
+  accuracy, mean and range over `SEEDS`;
+- the outer optimizer keeps its peak rate in its state (`optax.inject_hyperparams`, see
+  `experiments.training._train.make_optimizer`), so every rate of a sweep runs one compiled step;
+- parameter counts matched within `PARAMETER_TOLERANCE` by the SwiGLU width of each arm
+  (`matched_mlp_hidden`);
+- an ablation that would change the inner step size $\\eta_{\\max}$ as a side effect (the
+  presets derive it from $c$, $\\phi$ and the learner) is given its reference's value, and a
+  paired ablation also runs at its reference's chosen outer rate with the same seeds;
+- a difference is called real only when it exceeds twice the larger seed range of the two.
+
+Runs go to `runs.jsonl` in the output directory as they finish, keyed by their whole
+configuration, so an interrupted command resumes where it stopped; runs shared by two claims
+(the Atlas arm) run once. The page is written by `experiments.studies._claims_page`.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+
+
+LRS = (3e-3, 1e-2, 2e-2)
+SEEDS = (0, 1, 2)
+PARAMETER_TOLERANCE = 0.05
+VALIDATION_OFFSET, TEST_OFFSET = 2 * 10**6, 10**6
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """An MQAR size (Zoology's multi-query associative recall) and its training length."""
+
+    seq_len: int = 32
+    num_kv_pairs: int = 4
+    vocab_size: int = 64
+    steps: int = 800
+    batch_size: int = 32
+    num_train: int = 8192
+    num_validation: int = 256
+    num_test: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+
+    def describe(self) -> str:
+        return (
+            f"MQAR T {self.seq_len}, {self.num_kv_pairs} pairs, vocabulary {self.vocab_size}; "
+            f"{self.steps} AdamW steps of {self.batch_size}; d_model {self.d_model}, "
+            f"{self.n_layers} blocks, {self.n_heads} heads"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One model of a claim: a preset and the options that differ from it."""
+
+    name: str
+    preset: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A paper claim. `kind="ranking"`: every arm gets its own rate sweep and the paper's order
+    is `arms` from best to worst. `kind="paired"`: the first arm is the reference (own sweep),
+    the others are its ablations at its rate and seeds, and `expected` gives the paper's
+    direction of each ablation against the reference ("worse" / "better")."""
+
+    key: str
+    title: str
+    paper: str
+    kind: str
+    task: Task
+    arms: tuple[Arm, ...]
+    expected: tuple[tuple[str, str], ...] = ()
+    not_tested: str | None = None
+    """Why this claim is not run here (the page says so instead of a verdict)."""
+
+
+MAIN_TASK = Task()
+CAPACITY_TASK = Task(seq_len=64, num_kv_pairs=16, vocab_size=128, n_heads=8)
+ATLAS = Arm("atlas", "atlas")
+MUON_LR_MAX = (("lr_max", 0.1),)
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim(
+        key="ranking",
+        title="Atlas > OmegaNet > Titans > Gated DeltaNet on MQAR",
+        paper="Tables 2-4 and Fig. 5: Atlas ahead of OmegaNet, Titans and Gated DeltaNet "
+        "on recall-heavy tasks",
+        kind="ranking",
+        task=MAIN_TASK,
+        arms=(
+            ATLAS,
+            Arm("omeganet", "omeganet"),
+            Arm("titans", "titans"),
+            Arm("gated_deltanet", "gated_deltanet"),
+        ),  # fmt: skip
+    ),
+    Claim(
+        key="table6",
+        title="Table 6 in miniature: w/o Muon, c = 1, identity phi against Atlas",
+        paper="Table 6 (perplexity, lower is better): w/o Muon 19.65 and accuracy 52.56 against "
+        "Atlas 19.97 / 52.77 (better perplexity, lower accuracy); c = 1 and linear memory worse",
+        kind="paired",
+        task=MAIN_TASK,
+        arms=(
+            ATLAS,
+            Arm(
+                "w/o Muon",
+                "atlas",
+                (("optimizer", "momentum"), ("muon_per_chunk", False), *MUON_LR_MAX),
+            ),  # fmt: skip
+            Arm("c = 1", "atlas", (("window", 1), *MUON_LR_MAX)),
+            Arm("identity phi", "atlas", (("feature_map", "identity"), *MUON_LR_MAX)),
+        ),
+        expected=(("w/o Muon", "worse"), ("c = 1", "worse"), ("identity phi", "worse")),
+    ),
+    Claim(
+        key="capacity",
+        title="Polynomial features raise the capacity of a trained memory",
+        paper="Section 3.2, Proposition 1: a degree-p polynomial map lets a matrix memory "
+        "store O(d^p) pairs instead of O(d)",
+        kind="paired",
+        task=CAPACITY_TASK,
+        arms=(
+            Arm("exact polynomial", "omeganet", (("feature_map", "polynomial"),)),
+            Arm("element-wise", "omeganet", (("feature_map", "elementwise"),)),
+            Arm("identity", "omeganet", (("feature_map", "identity"),)),
+        ),
+        expected=(("element-wise", "worse"), ("identity", "worse")),
+    ),
+    Claim(
+        key="niah",
+        title="Single-needle recall trained at T 128, tested at 512 and 2048",
+        paper="Table 3 (S-NIAH): Atlas keeps recall at lengths beyond training",
+        kind="ranking",
+        task=MAIN_TASK,
+        arms=(),
+        not_tested="not run by this command yet: the length-extrapolation protocol (train at "
+        "128, test at 512 and 2048, three seeds) is `atlas-eqx results niah-extrapolate` at one "
+        "seed; its page states its own reading",
+    ),
+    Claim(
+        key="lm",
+        title="Language modelling until validation has flattened",
+        paper="Table 2: Atlas lowest perplexity among recurrent models at 340M-1.3B",
+        kind="ranking",
+        task=MAIN_TASK,
+        arms=(),
+        not_tested="not run by this command yet: the LM page (`atlas-eqx results lm`) is one "
+        "or two seeds on the shipped corpus, without the rate sweep of this protocol",
+    ),
+    Claim(
+        key="babilong",
+        title="BABILong at 10M tokens",
+        paper="Fig. 6: Atlas keeps accuracy on BABILong up to 10M tokens",
+        kind="ranking",
+        task=MAIN_TASK,
+        arms=(),
+        not_tested="BABILong's data and a 10M-token context are out of reach on 2 CPU cores "
+        "within the command's 2.5 hours; the stream page measures streaming cost, not this",
+    ),
+)
+
+
+def inner_step_options(arm: Arm, task: Task, reference: Arm | None) -> dict[str, Any]:
+    """The arm's options, with the reference's eta_max where the arm does not set its own
+    (the presets derive eta_max from c, phi and the learner)."""
+    options = dict(arm.options)
+    if reference is not None and reference != arm and "lr_max" not in options:
+        options["lr_max"] = _preset_layer(reference, task).config.lr_max
+    return options
+
+
+def _preset_layer(arm: Arm, task: Task, options: dict[str, Any] | None = None):
+    import jax
+
+    import atlas_eqx as ae
+
+    preset = getattr(ae.presets, arm.preset)
+    head_dim_options = dict(arm.options) if options is None else options
+    return preset(task.d_model, task.n_heads, key=jax.random.key(0), **head_dim_options)
+
+
+def build(arm: Arm, options: dict[str, Any], task: Task, mlp_hidden: int | None, key) -> Any:
+    import atlas_eqx as ae
+
+    return ae.LanguageModel(
+        task.vocab_size,
+        task.d_model,
+        task.n_layers,
+        task.n_heads,
+        key=key,
+        mixer=arm.preset,
+        mixer_options=options,
+        mlp_hidden=mlp_hidden,
+    )
+
+
+def parameter_count(arm: Arm, options: dict[str, Any], task: Task, mlp_hidden: int | None) -> int:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    model = eqx.filter_eval_shape(build, arm, options, task, mlp_hidden, jax.random.key(0))
+    shapes = [x for x in jax.tree.leaves(model) if isinstance(x, jax.ShapeDtypeStruct)]
+    return int(sum(x.size for x in shapes if jnp.issubdtype(x.dtype, jnp.inexact)))
+
+
+def matched_mlp_hidden(claim: Claim) -> dict[str, int | None]:
+    """Per arm, the SwiGLU width that brings its parameter count to the first arm's (at the
+    default width), or None to keep the default. Counts are affine in the width."""
+    from atlas_eqx._model import default_mlp_hidden
+
+    default = default_mlp_hidden(claim.task.d_model)
+    reference = claim.arms[0]
+    target = parameter_count(reference, _options(claim, reference), claim.task, None)
+    widths: dict[str, int | None] = {reference.name: None}
+    for arm in claim.arms[1:]:
+        options = _options(claim, arm)
+        at_default = parameter_count(arm, options, claim.task, default)
+        per_unit = parameter_count(arm, options, claim.task, default + 1) - at_default
+        width = default + round((target - at_default) / per_unit)
+        if width < 8:
+            raise ValueError(f"claim {claim.key}: arm {arm.name} is too large to match")
+        widths[arm.name] = None if width == default else width
+    return widths
+
+
+def _options(claim: Claim, arm: Arm) -> dict[str, Any]:
+    reference = claim.arms[0] if claim.kind == "paired" else None
+    return inner_step_options(arm, claim.task, reference)
+
+
+def run_key(
+    task: Task, arm: Arm, options: dict, mlp_hidden: int | None, lr: float, seed: int
+) -> str:
+    """A run's identity: everything that sets what it computes (not the arm's label)."""
+    return json.dumps(
+        dict(
+            task=dataclasses.asdict(task),
+            preset=arm.preset,
+            options=sorted(options.items()),
+            mlp_hidden=mlp_hidden,
+            lr=lr,
+            seed=seed,
+        ),
+        sort_keys=True,
+        default=str,
+    )
+
+
+def run_one(
+    task: Task, arm: Arm, options: dict, mlp_hidden: int | None, lr: float, seed: int
+) -> dict[str, Any]:
+    """Train one arm at one outer rate and seed; validation and test accuracy."""
+    import jax
+
+    from ..tasks._mqar import multiquery_ar
+    from ..training._recall import mqar_batches, mqar_eval_batches
+    from ..training._train import evaluate, OptimConfig, train, TrainingDiverged
+
+    def split(n: int, offset: int):
+        return multiquery_ar(n, task.seq_len, task.vocab_size, task.num_kv_pairs, seed=offset)
+
+    train_split = split(task.num_train, 0)
+    validation = mqar_eval_batches(split(task.num_validation, VALIDATION_OFFSET), task.batch_size)
+    test = mqar_eval_batches(split(task.num_test, TEST_OFFSET), task.batch_size)
+    model = build(arm, options, task, mlp_hidden, jax.random.key(seed))
+    record: dict[str, Any] = dict(
+        key=run_key(task, arm, options, mlp_hidden, lr, seed),
+        preset=arm.preset,
+        options=options,
+        mlp_hidden=mlp_hidden,
+        lr=lr,
+        seed=seed,
+        parameters=parameter_count(arm, options, task, mlp_hidden),
+    )
+    start = time.perf_counter()
+    try:
+        outcome = train(
+            model,
+            mqar_batches(train_split, task.batch_size, seed),
+            steps=task.steps,
+            optim=OptimConfig(lr=lr),
+            eval_fn=lambda m: evaluate(m, validation),
+            eval_every=max(task.steps // 8, 1),
+            progress=False,
+            resume=False,
+        )
+    except TrainingDiverged as diverged:
+        return record | dict(
+            diverged_at=diverged.step,
+            validation=0.0,
+            test=0.0,
+            curve=[(int(e["step"]), e["accuracy"]) for e in diverged.evaluations],
+            seconds=time.perf_counter() - start,
+        )
+    return record | dict(
+        diverged_at=None,
+        validation=outcome.evaluations[-1]["accuracy"],
+        test=evaluate(outcome.model, test)["accuracy"],
+        curve=[(int(e["step"]), e["accuracy"]) for e in outcome.evaluations],
+        seconds=time.perf_counter() - start,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    task: Task
+    arm: Arm
+    options: dict
+    mlp_hidden: int | None
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return run_key(self.task, self.arm, self.options, self.mlp_hidden, self.lr, self.seed)
+
+
+def chosen_lr(runs: dict[str, dict], planned: Sequence[PlannedRun]) -> float | None:
+    """The rate with the best seed-0 validation accuracy among `planned` (one per rate), or
+    None while any of them has not run."""
+    if any(p.key not in runs for p in planned):
+        return None
+    return max(planned, key=lambda p: runs[p.key]["validation"]).lr
+
+
+def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> list[PlannedRun]:
+    """The runs of `claim` that can run now: each swept arm's seed-0 rates, then (once its
+    rate is chosen) its other seeds; a paired ablation at its reference's rate and seeds."""
+    todo: list[PlannedRun] = []
+
+    def planned(arm: Arm, lr: float, seed: int) -> PlannedRun:
+        return PlannedRun(claim.task, arm, _options(claim, arm), widths[arm.name], lr, seed)
+
+    swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
+    rates: dict[str, float | None] = {}
+    for arm in swept:
+        sweep = [planned(arm, lr, SEEDS[0]) for lr in LRS]
+        todo += [p for p in sweep if p.key not in runs]
+        rates[arm.name] = chosen_lr(runs, sweep)
+    for arm in claim.arms:
+        rate = rates.get(arm.name, rates.get(claim.arms[0].name))
+        if rate is None:
+            continue
+        todo += [p for seed in SEEDS if (p := planned(arm, rate, seed)).key not in runs]
+    return todo
+
+
+def final_runs(
+    claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]
+) -> dict[str, tuple[float | None, list[dict]]]:
+    """Per arm: its chosen (or inherited) rate and the finished runs at that rate."""
+    out: dict[str, tuple[float | None, list[dict]]] = {}
+    reference_rate = None
+    for index, arm in enumerate(claim.arms):
+        options = _options(claim, arm)
+        if claim.kind == "ranking" or index == 0:
+            sweep = [
+                PlannedRun(claim.task, arm, options, widths[arm.name], lr, SEEDS[0]) for lr in LRS
+            ]
+            rate = chosen_lr(runs, sweep)
+            if index == 0:
+                reference_rate = rate
+        else:
+            rate = reference_rate
+        done = []
+        if rate is not None:
+            for seed in SEEDS:
+                p = PlannedRun(claim.task, arm, options, widths[arm.name], rate, seed)
+                if p.key in runs:
+                    done.append(runs[p.key])
+        out[arm.name] = (rate, done)
+    return out
+
+
+def sweep_runs(
+    claim: Claim, arm: Arm, runs: dict[str, dict], widths: dict[str, int | None]
+) -> list[dict]:
+    """The seed-0 runs of the arm's rate sweep that have finished."""
+    options = _options(claim, arm)
+    keys = [PlannedRun(claim.task, arm, options, widths[arm.name], lr, SEEDS[0]).key for lr in LRS]
+    return [runs[k] for k in keys if k in runs]
+
+
+def load_runs(path: pathlib.Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in records}
+
+
+def _pin_worker(queue: Any) -> None:
+    cores = queue.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+
+
+def run_claims(
+    out_dir: pathlib.Path,
+    claims: Sequence[Claim] = CLAIMS,
+    *,
+    jobs: int | None = None,
+    budget_s: float | None = None,
+    on_run: Callable[[dict], None] | None = None,
+) -> dict[str, dict]:
+    """Run every planned run of `claims` not yet in `out_dir/runs.jsonl` on `jobs` processes
+    pinned to their own cores, in the claims' order; a finished sweep releases its arm's other
+    seeds at once. Submits no new run once `budget_s` seconds have passed."""
+    import multiprocessing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "runs.jsonl"
+    runs = load_runs(log)
+    tested = [c for c in claims if c.not_tested is None]
+    widths = {c.key: matched_mlp_hidden(c) for c in tested}
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    jobs = max(1, min(jobs or len(cores), len(cores)))
+    per_worker = max(1, len(cores) // jobs)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Manager().Queue()
+    for worker in range(jobs):
+        queue.put(set(cores[worker * per_worker : (worker + 1) * per_worker]))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_pin_worker, initargs=(queue,)
+    ) as pool:
+        running: dict[Any, str] = {}
+        while True:
+            within_budget = budget_s is None or time.perf_counter() - start < budget_s
+            todo = [p for c in tested for p in plan(c, runs, widths[c.key])]
+            waiting = [p for p in dict((p.key, p) for p in todo).values()
+                       if p.key not in running.values()]  # fmt: skip
+            while within_budget and waiting and len(running) < jobs:
+                p = waiting.pop(0)
+                future = pool.submit(run_one, p.task, p.arm, p.options, p.mlp_hidden, p.lr, p.seed)
+                running[future] = p.key
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                del running[future]
+                record = future.result()
+                runs[record["key"]] = record
+                with open(log, "a") as file:
+                    file.write(json.dumps(record, default=str) + "\n")
+                if on_run is not None:
+                    on_run(record)
+    return runs
+
+
+def claim_widths(claims: Sequence[Claim] = CLAIMS) -> dict[str, dict[str, int | None]]:
+    return {c.key: matched_mlp_hidden(c) for c in claims if c.not_tested is None}
+
+
+def spread(values: Sequence[float]) -> float:
+    return float(np.max(values) - np.min(values)) if len(values) else float("nan")

@@ -1,0 +1,313 @@
+"""The page of `atlas-eqx results claims`: one verdict per claim, the evidence under it, plots
+with seed bands, and the claims table of `experiments/results/README.md`.
+
+Verdicts. A difference between two arms counts only when it exceeds twice the larger of their
+seed ranges (test accuracy). A ranking claim is *reproduced* when every adjacent pair of the
+paper's order is resolved in the paper's direction, *refuted* when any pair is resolved the
+other way, and *not resolved* otherwise; a paired claim reads each ablation against its
+reference the same way. A claim whose runs have not all finished says how many have.
+"""
+
+import dataclasses
+import itertools
+import os
+import pathlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from .._plot import pyplot_or_none, save_figure
+from ._claims import (
+    Claim,
+    claim_widths,
+    CLAIMS,
+    final_runs,
+    load_runs,
+    LRS,
+    run_claims,
+    SEEDS,
+    spread,
+    sweep_runs,
+)
+
+
+COMMAND = "atlas-eqx results claims"
+BUDGET_S = 2.5 * 3600
+README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
+
+
+@dataclasses.dataclass
+class ArmSummary:
+    name: str
+    lr: float | None
+    tests: list[float]
+    validations: list[float]
+    parameters: int | None
+    mlp_hidden: int | None
+    diverged: int
+    curves: list[list[tuple[int, float]]]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.tests)) if self.tests else float("nan")
+
+    def cell(self) -> str:
+        if not self.tests:
+            return "-"
+        return f"{self.mean:.3f} [{min(self.tests):.3f}, {max(self.tests):.3f}]"
+
+
+def summarise(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]):
+    summaries = []
+    for arm in claim.arms:
+        rate, done = final_runs(claim, runs, widths)[arm.name]
+        summaries.append(
+            ArmSummary(
+                name=arm.name,
+                lr=rate,
+                tests=[r["test"] for r in done],
+                validations=[r["validation"] for r in done],
+                parameters=done[0]["parameters"] if done else None,
+                mlp_hidden=widths[arm.name],
+                diverged=sum(r["diverged_at"] is not None for r in done),
+                curves=[r["curve"] for r in done],
+            )
+        )
+    return summaries
+
+
+def compare(better: ArmSummary, worse: ArmSummary) -> tuple[float, float, str]:
+    """Gap of `better` over `worse` (the paper's direction), twice the larger seed range, and
+    "as the paper" / "the other way" / "not resolved"."""
+    gap = better.mean - worse.mean
+    threshold = 2 * max(spread(better.tests), spread(worse.tests))
+    if gap > threshold:
+        return gap, threshold, "as the paper"
+    if -gap > threshold:
+        return gap, threshold, "the other way"
+    return gap, threshold, "not resolved"
+
+
+def verdict(claim: Claim, summaries: Sequence[ArmSummary]) -> tuple[str, list[str]]:
+    """The claim's verdict and one line per comparison behind it."""
+    if claim.not_tested is not None:
+        return "not tested here", [claim.not_tested]
+    finished = sum(len(s.tests) for s in summaries)
+    expected_runs = len(SEEDS) * len(summaries)
+    if finished < expected_runs:
+        return f"running ({finished} of {expected_runs} final runs)", []
+    by_name = {s.name: s for s in summaries}
+    if claim.kind == "ranking":
+        pairs = list(itertools.pairwise(summaries))
+    else:
+        reference = summaries[0]
+        pairs = [
+            (reference, by_name[name]) if direction == "worse" else (by_name[name], reference)
+            for name, direction in claim.expected
+        ]
+    lines, readings = [], []
+    for better, worse in pairs:
+        gap, threshold, reading = compare(better, worse)
+        readings.append(reading)
+        lines.append(
+            f"{better.name} over {worse.name} (the paper's order): {gap:+.3f} against twice the "
+            f"seed range {threshold:.3f}: {reading}."
+        )
+    if all(r == "as the paper" for r in readings):
+        return "reproduced", lines
+    if any(r == "the other way" for r in readings):
+        return "refuted", lines
+    return "not resolved", lines
+
+
+def plot_claim(claim: Claim, summaries: Sequence[ArmSummary], path: pathlib.Path) -> bool:
+    """Validation accuracy against step: the mean over seeds and the min-max band."""
+    plt = pyplot_or_none()
+    if plt is None or not any(s.curves for s in summaries):
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for s in summaries:
+        curves = [c for c in s.curves if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        steps = [step for step, _ in curves[0][:length]]
+        values = np.array([[acc for _, acc in c[:length]] for c in curves])
+        (line,) = axis.plot(steps, values.mean(0), label=f"{s.name} (lr {s.lr:g})")
+        axis.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
+    axis.set_xlabel("training step")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title(claim.title, fontsize=9)
+    axis.legend(fontsize=7)
+    save_figure(figure, path)
+    return True
+
+
+def claim_section(
+    claim: Claim, runs: dict[str, dict], widths: dict[str, int | None], out_dir: pathlib.Path
+) -> tuple[str, list[str]]:
+    """The verdict and the markdown section of one claim (and its plot, when runs exist)."""
+    if claim.not_tested is not None:
+        return "not tested here", [f"## {claim.title}", "", f"Paper: {claim.paper}.", "",
+                                   f"Not tested here: {claim.not_tested}.", ""]  # fmt: skip
+    summaries = summarise(claim, runs, widths)
+    result, comparisons = verdict(claim, summaries)
+    plot_name = f"claims-{claim.key}.png"
+    plotted = plot_claim(claim, summaries, out_dir / plot_name)
+    rule = (
+        "each arm's outer rate chosen on validation at seed 0"
+        if claim.kind == "ranking"
+        else f"{claim.arms[0].name}'s outer rate chosen on validation at seed 0; the others "
+        "are paired with it (same rate, same seeds, same inner step size eta_max)"
+    )
+    lines = [
+        f"## {claim.title}",
+        "",
+        f"Paper: {claim.paper}. Verdict: **{result}**.",
+        "",
+        f"{claim.task.describe()}; {rule}; test accuracy, mean [min, max] over seeds "
+        f"{', '.join(map(str, SEEDS))}.",
+        "",
+        "| arm | options | outer lr | test accuracy | validation mean | parameters | SwiGLU "
+        "width | diverged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in zip(claim.arms, summaries, strict=True):
+        options = ", ".join(f"{k}={v!r}" for k, v in _shown_options(claim, arm)) or "as shipped"
+        lines.append(
+            f"| {s.name} | {options} | {'-' if s.lr is None else f'{s.lr:g}'} | {s.cell()} | "
+            f"{np.mean(s.validations) if s.validations else float('nan'):.3f} | "
+            f"{s.parameters if s.parameters is not None else '-'} | "
+            f"{s.mlp_hidden or 'default'} | {s.diverged} |"
+        )
+    swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
+    lines += ["", "Rate sweep at seed 0 (validation accuracy):", ""]
+    lines += ["| arm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |"]
+    lines += ["|---|" + "---|" * len(LRS)]
+    for arm in swept:
+        done = {r["lr"]: r for r in sweep_runs(claim, arm, runs, widths)}
+        cells = [
+            "-"
+            if lr not in done
+            else (
+                "diverged"
+                if done[lr]["diverged_at"] is not None
+                else f"{done[lr]['validation']:.3f}"
+            )
+            for lr in LRS
+        ]
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+    if comparisons:
+        lines += ["", "Reading:", ""] + [f"- {c}" for c in comparisons]
+    counts = [s.parameters for s in summaries if s.parameters is not None]
+    if counts:
+        lines += [
+            "",
+            f"Parameter counts {min(counts):,} to {max(counts):,} "
+            f"({max(counts) / min(counts) - 1:.1%} apart).",
+        ]
+    if plotted:
+        lines += ["", f"![{claim.title}]({plot_name})"]
+    return result, lines + [""]
+
+
+def _shown_options(claim: Claim, arm) -> list[tuple[str, object]]:
+    from ._claims import _options
+
+    return sorted(_options(claim, arm).items())
+
+
+def format_page(
+    claims: Sequence[Claim], runs: dict[str, dict], out_dir: pathlib.Path
+) -> tuple[str, list[tuple[Claim, str]]]:
+    widths = claim_widths(claims)
+    rows, sections = [], []
+    for claim in claims:
+        result, section = claim_section(claim, runs, widths.get(claim.key, {}), out_dir)
+        rows.append((claim, result))
+        sections += section
+    seconds = sum(r.get("seconds", 0.0) for r in runs.values())
+    lines = [
+        "# The paper's claims, tested",
+        "",
+        f"Regenerate (resumes from `runs.jsonl`): `{COMMAND}`. Protocol: "
+        "`experiments/studies/_claims.py`; verdict rule: `experiments/studies/_claims_page.py`. "
+        f"{len(runs)} runs so far, {seconds / 3600:.1f} core-hours of training.",
+        "",
+        claims_table(rows, link_prefix=""),
+        "",
+        *sections,
+    ]
+    return "\n".join(lines), rows
+
+
+def claims_table(rows: Sequence[tuple[Claim, str]], link_prefix: str) -> str:
+    lines = ["| claim | paper | verdict |", "|---|---|---|"]
+    for claim, result in rows:
+        anchor = re.sub(r"[^a-z0-9 _-]", "", claim.title.lower()).replace(" ", "-")
+        lines.append(
+            f"| [{claim.title}]({link_prefix}README.md#{anchor}) | {claim.paper} | {result} |"
+        )
+    return "\n".join(lines)
+
+
+def update_results_index(index: pathlib.Path, rows: Sequence[tuple[Claim, str]]) -> None:
+    """Replace the claims table between the markers of `experiments/results/README.md`."""
+    if not index.exists():
+        return
+    text = index.read_text()
+    table = (
+        f"{README_START}\n{claims_table(rows, link_prefix='claims/')}\n\nFrom `{COMMAND}` "
+        f"(`claims/README.md`: protocol, every run, plots with seed bands).\n{README_END}"
+    )
+    if README_START in text and README_END in text:
+        before, rest = text.split(README_START, 1)
+        _, after = rest.split(README_END, 1)
+        text = before + table + after
+    else:
+        text = text.rstrip("\n") + "\n\n## The paper's claims\n\n" + table + "\n"
+    index.write_text(text)
+
+
+def write_page(claims: Sequence[Claim], runs: dict[str, dict], out_dir: pathlib.Path) -> str:
+    text, rows = format_page(claims, runs, out_dir)
+    (out_dir / "README.md").write_text(text + "\n")
+    if out_dir.resolve() == (pathlib.Path(__file__).parents[1] / "results" / "claims").resolve():
+        update_results_index(out_dir.parent / "README.md", rows)
+    return text
+
+
+def claims_result(
+    out_dir: pathlib.Path,
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    claims: Sequence[Claim] = CLAIMS,
+) -> str:
+    """`atlas-eqx results claims`: run what is missing (stopping new runs after
+    `ATLAS_EQX_CLAIMS_BUDGET_S` seconds, default 2.5 hours), rewriting the page after each."""
+    if quick:
+        claims = [
+            dataclasses.replace(
+                c,
+                task=dataclasses.replace(
+                    c.task, steps=2, num_train=64, num_validation=16, num_test=16, batch_size=8
+                ),  # fmt: skip
+            )
+            for c in claims
+        ]
+    budget = float(os.environ.get("ATLAS_EQX_CLAIMS_BUDGET_S", BUDGET_S))
+
+    def on_run(record: dict) -> None:
+        write_page(claims, load_runs(out_dir / "runs.jsonl"), out_dir)
+        if progress:
+            print(
+                f"{record['preset']} {record['options']} lr {record['lr']:g} seed "
+                f"{record['seed']}: validation {record['validation']:.3f} test "
+                f"{record['test']:.3f} ({record['seconds']:.0f} s)",
+                flush=True,
+            )
+
+    runs = run_claims(out_dir, claims, budget_s=budget, on_run=on_run)
+    return write_page(claims, runs, out_dir)
