@@ -143,10 +143,12 @@ def run_lm(
     variants = {name: (preset, options) for name, preset, options in LM_VARIANTS}
     begin = time.perf_counter()
     by_seed: dict[str, list[_Run]] = {name: [] for name in config.variants}
+    inner_steps: dict[str, float | None] = {}
     for seed in config.seeds:
         for index, name in enumerate(config.variants):
             preset, options = variants[name]
             lm = build_model(preset, model, 256, key=jax.random.key(seed), options=options)
+            inner_steps[name] = inner_step_size(lm)
             by_seed[name].append(
                 _train_one(
                     name,
@@ -265,7 +267,11 @@ def run_lm(
         "Ablations (each one change to atlas, in the spirit of ATLAS Table 6): w/o Muon = "
         "momentum GD (theta kept; the paper's 'w/o Muon' row is OmegaNet, also shown: no "
         "momentum); c = 1; identity phi instead of the polynomial map; a linear memory "
-        "instead of the 2-layer MLP. " + GRAD_NORM_NOTE + "\n\n"
+        "instead of the 2-layer MLP. "
+        + inner_step_note(inner_steps)
+        + " "
+        + GRAD_NORM_NOTE
+        + "\n\n"
         f"{table}\n\n"
         "![validation bits per byte](bits_per_byte.png)\n\n"
         "## Against the paper\n\n"
@@ -290,6 +296,24 @@ def run_lm(
         "Byte-level language modelling: bits per byte and a Table-6 ablation",
         _command("lm", out, quick),
         body,
+    )
+
+
+def inner_step_size(lm: Any) -> float | None:
+    """The inner step bound $\\eta_{\\max}$ of a model's memory layers, or None (attention)."""
+    config = getattr(lm.blocks[0].mixer, "config", None)
+    return None if config is None else float(config.lr_max)
+
+
+def inner_step_note(inner_steps: Mapping[str, float | None]) -> str:
+    """The confound of the ablations: each preset derives eta_max from c, phi and the learner,
+    so an ablation that changes one of them also changes the inner step size."""
+    steps = ", ".join(f"{name} {eta:.3g}" for name, eta in inner_steps.items() if eta is not None)
+    return (
+        "Confound: every ablation here also changes the inner step size, because each preset "
+        "derives eta_max from c, phi and the learner (the ablations were not given atlas's); "
+        f"eta_max as run: {steps}. `atlas-eqx results claims` repeats Table 6 with atlas's "
+        "eta_max held fixed."
     )
 
 

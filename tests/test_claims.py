@@ -1,0 +1,148 @@
+"""`atlas-eqx results claims` (`experiments/studies/_claims*.py`): which runs the protocol asks
+for and in what order, paired ablations inherit their reference's rate, seeds and eta_max,
+parameter counts are matched, and the verdict follows the twice-the-seed-range rule."""
+
+import json
+
+import pytest
+
+from experiments.studies import _claims
+from experiments.studies._claims import Arm, Claim, CLAIMS, LRS, plan, SEEDS, Task
+from experiments.studies._claims_page import claims_result, format_page, summarise, verdict
+
+
+TINY = Task(steps=2, num_train=64, num_validation=16, num_test=16, batch_size=8)
+RANKING = Claim(
+    key="tiny-ranking",
+    title="a > b",
+    paper="a paper",
+    kind="ranking",
+    task=TINY,
+    arms=(Arm("a", "gated_deltanet"), Arm("b", "linear_attention")),
+)
+PAIRED = Claim(
+    key="tiny-paired",
+    title="a's window matters",
+    paper="a paper",
+    kind="paired",
+    task=TINY,
+    arms=(Arm("a", "omeganet"), Arm("a, c = 1", "omeganet", (("window", 1),))),
+    expected=(("a, c = 1", "worse"),),
+)
+WIDTHS = {"a": None, "b": None, "a, c = 1": None}
+
+
+def _finish(runs, planned, validation, test):
+    for p in planned:
+        runs[p.key] = dict(
+            key=p.key, lr=p.lr, seed=p.seed, validation=validation(p), test=test(p),
+            parameters=100, diverged_at=None, curve=[(0, 0.0), (2, 0.5)], seconds=1.0,
+        )  # fmt: skip
+
+
+def test_ranking_sweeps_seed_zero_then_runs_the_other_seeds_at_the_validation_choice():
+    runs: dict = {}
+    first = plan(RANKING, runs, WIDTHS)
+    assert sorted((p.arm.name, p.lr, p.seed) for p in first) == sorted(
+        (arm, lr, 0) for arm in ("a", "b") for lr in LRS
+    )
+    # validation prefers the middle rate for a, the largest for b; test would prefer others
+    best = {"a": LRS[1], "b": LRS[2]}
+    _finish(runs, first, lambda p: 0.9 if p.lr == best[p.arm.name] else 0.1, lambda p: 0.5)
+    second = plan(RANKING, runs, WIDTHS)
+    assert sorted((p.arm.name, p.lr, p.seed) for p in second) == sorted(
+        (arm, best[arm], seed) for arm in ("a", "b") for seed in SEEDS[1:]
+    )
+    _finish(runs, second, lambda p: 0.9, lambda p: 0.5)
+    assert plan(RANKING, runs, WIDTHS) == []
+
+
+def test_paired_ablation_takes_the_reference_rate_seeds_and_inner_step():
+    runs: dict = {}
+    first = plan(PAIRED, runs, WIDTHS)
+    assert {p.arm.name for p in first} == {"a"}  # only the reference sweeps
+    _finish(runs, first, lambda p: 0.9 if p.lr == LRS[0] else 0.1, lambda p: 0.5)
+    second = plan(PAIRED, runs, WIDTHS)
+    ablation = [p for p in second if p.arm.name == "a, c = 1"]
+    assert sorted(p.seed for p in ablation) == list(SEEDS)
+    assert {p.lr for p in ablation} == {LRS[0]}
+    reference_eta = _claims._preset_layer(PAIRED.arms[0], TINY).config.lr_max
+    assert ablation[0].options == {"window": 1, "lr_max": reference_eta}
+    # without the pairing the preset would have changed eta_max with c
+    assert _claims._preset_layer(PAIRED.arms[1], TINY).config.lr_max != reference_eta
+
+
+def _summaries(claim, tests_by_arm):
+    runs: dict = {}
+    for _ in range(2):
+        _finish(
+            runs,
+            plan(claim, runs, WIDTHS),
+            lambda p: 0.9 if p.lr == LRS[0] else 0.1,
+            lambda p: tests_by_arm[p.arm.name][p.seed],
+        )
+    return summarise(claim, runs, WIDTHS)
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ((0.90, 0.91, 0.92), (0.50, 0.52, 0.54), "reproduced"),  # gap 0.39 > 2 x 0.04
+        ((0.50, 0.52, 0.54), (0.90, 0.91, 0.92), "refuted"),
+        ((0.60, 0.70, 0.80), (0.50, 0.60, 0.70), "not resolved"),  # gap 0.1 < 2 x 0.2
+    ],
+)
+def test_verdict_follows_twice_the_seed_range(a, b, expected):
+    summaries = _summaries(RANKING, {"a": dict(enumerate(a)), "b": dict(enumerate(b))})
+    result, lines = verdict(RANKING, summaries)
+    assert result == expected
+    assert len(lines) == 1 and "twice the seed range" in lines[0]
+
+
+def test_paired_verdict_reads_each_ablation_in_the_papers_direction():
+    worse = {"a": {0: 0.9, 1: 0.9, 2: 0.9}, "a, c = 1": {0: 0.5, 1: 0.5, 2: 0.5}}
+    assert verdict(PAIRED, _summaries(PAIRED, worse))[0] == "reproduced"
+    better = {"a": worse["a, c = 1"], "a, c = 1": worse["a"]}
+    assert verdict(PAIRED, _summaries(PAIRED, better))[0] == "refuted"
+
+
+def test_unfinished_claims_say_how_far_they_are():
+    runs: dict = {}
+    _finish(runs, plan(RANKING, runs, WIDTHS), lambda p: 0.5, lambda p: 0.5)
+    result, _ = verdict(RANKING, summarise(RANKING, runs, WIDTHS))
+    assert result == "running (2 of 6 final runs)"
+
+
+def test_shipped_claims_match_parameter_counts_within_tolerance():
+    for claim in CLAIMS:
+        if claim.not_tested is not None:
+            continue
+        widths = _claims.matched_mlp_hidden(claim)
+        counts = [
+            _claims.parameter_count(arm, _claims._options(claim, arm), claim.task, widths[arm.name])
+            for arm in claim.arms
+        ]
+        assert max(counts) / min(counts) - 1 < _claims.PARAMETER_TOLERANCE, (claim.key, counts)
+
+
+def test_page_lists_every_claim_with_a_verdict(tmp_path):
+    text, rows = format_page(CLAIMS, {}, tmp_path)
+    assert [claim.key for claim, _ in rows] == [c.key for c in CLAIMS]
+    for claim, result in rows:
+        assert result.startswith("not tested here" if claim.not_tested else "running")
+    assert "atlas-eqx results claims" in text
+
+
+@pytest.mark.slow
+def test_claims_command_trains_and_resumes(tmp_path):
+    """Two tiny claims end to end (real training, 2 steps), then a second call runs nothing
+    new: every run is found in runs.jsonl."""
+    claims = [RANKING, PAIRED]
+    text = claims_result(tmp_path, claims=claims, progress=False)
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    # ranking: 2 arms x (3 rates + 2 seeds); paired: reference 3 + 2, ablation 3
+    assert len(lines) == 10
+    assert all(json.loads(line)["test"] >= 0 for line in lines)
+    assert "## a > b" in text and (tmp_path / "claims-tiny-ranking.png").exists()
+    claims_result(tmp_path, claims=claims, progress=False)
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 10
