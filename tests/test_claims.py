@@ -4,11 +4,13 @@ parameter counts are matched, and the verdict follows the twice-the-seed-range r
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.studies import _claims
 from experiments.studies._claims import Arm, Claim, CLAIMS, LRS, plan, SEEDS, Task
 from experiments.studies._claims_page import claims_result, format_page, summarise, verdict
+from experiments.tasks import single_needle
 
 
 TINY = Task(steps=2, num_train=64, num_validation=16, num_test=16, batch_size=8)
@@ -146,3 +148,22 @@ def test_claims_command_trains_and_resumes(tmp_path):
     assert "## a > b" in text and (tmp_path / "claims-tiny-ranking.png").exists()
     claims_result(tmp_path, claims=claims, progress=False)
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 10
+
+
+def test_single_needle_places_one_pair_and_asks_for_it_at_the_end():
+    task = single_needle(64, 20, 16, seed=3)
+    inputs, targets = task.inputs, task.targets
+    rows = np.arange(64)
+    position, key, value = (task.metadata[name] for name in ("position", "key", "value"))
+    assert set(position) <= set(range(18)) and len(set(position)) > 5  # depth varies
+    np.testing.assert_array_equal(inputs[rows, position], key)
+    np.testing.assert_array_equal(inputs[rows, position + 1], value)
+    np.testing.assert_array_equal(inputs[:, -1], key)
+    np.testing.assert_array_equal(targets[:, -1], value)
+    assert (targets[:, :-1] == -100).all()
+    haystack = np.ones_like(inputs, bool)
+    haystack[rows, position] = haystack[rows, position + 1] = False
+    haystack[:, -1] = False
+    assert inputs[haystack].min() >= 1 and inputs[haystack].max() < 8  # never a key or value
+    assert key.min() >= 8 and key.max() < 12 and value.min() >= 12 and value.max() < 16
+    np.testing.assert_array_equal(single_needle(64, 20, 16, seed=3).inputs, inputs)

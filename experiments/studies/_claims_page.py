@@ -181,6 +181,22 @@ def claim_section(
             f"{s.parameters if s.parameters is not None else '-'} | "
             f"{s.mlp_hidden or 'default'} | {s.diverged} |"
         )
+    if claim.task.test_lengths:
+        lengths = claim.task.test_lengths
+        lines += ["", "Test accuracy by length (the claim is scored at the longest):", ""]
+        lines += ["| arm | " + " | ".join(f"T {n}" for n in lengths) + " |"]
+        lines += ["|---|" + "---|" * len(lengths)]
+        for arm in claim.arms:
+            _, done = final_runs(claim, runs, widths)[arm.name]
+            cells = []
+            for n in lengths:
+                values = [r["test_by_length"][str(n)] for r in done if "test_by_length" in r]
+                cells.append(
+                    f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+                    if values
+                    else "-"
+                )
+            lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
     lines += ["", "Rate sweep at seed 0 (validation accuracy):", ""]
     lines += ["| arm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |"]

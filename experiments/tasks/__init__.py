@@ -31,6 +31,7 @@ from ._mad import (
     selective_copying as selective_copying,
 )
 from ._mqar import multiquery_ar as multiquery_ar
+from ._needle import single_needle as single_needle
 from ._niah import s_niah as s_niah, string_match_all as string_match_all
 from ._token_task import (
     decode_tokens as decode_tokens,
