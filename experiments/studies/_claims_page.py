@@ -182,7 +182,7 @@ def claim_section(
         lines.append(
             f"| {s.name} | {options} | {'-' if s.lr is None else f'{s.lr:g}'} | {s.cell(claim.task)} | "
             f"{_mean_range([claim.task.shown(v) for v in s.validations]).split(' [')[0]} | "
-            f"{s.parameters if s.parameters is not None else '-'} | "
+            f"{'-' if s.parameters is None else f'{s.parameters:,}'} | "
             f"{s.mlp_hidden or 'default'} | {s.diverged} |"
         )
     if claim.task.test_lengths:
@@ -216,6 +216,19 @@ def claim_section(
         lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     if comparisons:
         lines += ["", "Reading:", ""] + [f"- {c}" for c in comparisons]
+    edge = [s.name for s in summaries[: len(swept)] if s.lr in (min(LRS), max(LRS))]
+    if edge:
+        lines += ["", "Chosen rates at the edge of the grid (the best may lie beyond it): "
+                  + ", ".join(edge) + "."]  # fmt: skip
+    late = [(s.name, change) for s in summaries if (change := _late_change(s)) is not None]
+    if late:
+        lines += [
+            "",
+            f"Change of the mean validation {claim.task.metric} over the last quarter of "
+            "training (near 0: the curve has flattened): "
+            + ", ".join(f"{name} {claim.task.shown(change):+.3f}" for name, change in late)
+            + ".",
+        ]
     counts = [s.parameters for s in summaries if s.parameters is not None]
     if counts:
         lines += [
@@ -226,6 +239,18 @@ def claim_section(
     if plotted:
         lines += ["", f"![{claim.title}]({plot_name})"]
     return result, lines + [""]
+
+
+def _late_change(summary: ArmSummary) -> float | None:
+    """Mean over seeds of (last evaluation - the evaluation three quarters in), in scores."""
+    changes = []
+    for curve in summary.curves:
+        if len(curve) < 4:
+            continue
+        final_step = curve[-1][0]
+        earlier = min(curve, key=lambda point: abs(point[0] - 0.75 * final_step))
+        changes.append(curve[-1][1] - earlier[1])
+    return float(np.mean(changes)) if changes else None
 
 
 def _shown_options(claim: Claim, arm) -> list[tuple[str, object]]:
