@@ -38,7 +38,10 @@ $Y = D[\cdot+1, 0]\odot(QW_0^\top) - (PZ)H + (PZ_v)V_E$ and
 $W_L = D[L, 0]W_0 - (S^\top\mathrm{diag}(c)(ZH - Z_vV_E))^\top\Phi_E$. Per block the loop makes
 three products: $[\Phi_E; D\odot Q]W_0^\top$, the precomputed mixing
 $\begin{pmatrix}-PZ & PZ_v\\ -E_Z & E_{Z_v}\end{pmatrix}$ ($E = S^\top\mathrm{diag}(c)$) times
-$[H; V_E]$, and the write into $W$.
+$[H; V_E]$, and the write into $W$. When the block has one anchor ($b \ge L$) the pairs'
+system is the identity ($T = 0$): then $PZ$ and $E_Z$ are sums over the block's tokens with
+the band of window gates, $E_Z$ is diagonal, and without `decay_first` $Z = Z_v$, so the
+mixing has $L + c - 1$ columns and multiplies $H - V_E$ (the frozen-anchor dual form).
 
 For $b = 1$ and $c = 1$ this is fla's chunkwise delta rule (the UT transform); for `dot`,
 $T = 0$ and it is chunked linear attention. The block
@@ -95,7 +98,8 @@ class _BlockInputs(eqx.Module):
 
     rows: Float[Array, "*blocks n_rows d_in"]  # [Phi_E; diag(D[i + 1, 0]) Q]
     values: Float[Array, "*blocks n_e d_out"]  # V_E
-    mixing: Float[Array, "*blocks n_rows two_n_e"]  # [[-P Z, P Z_v], [-E Z, E Z_v]]
+    mixing: Float[Array, "*blocks n_rows n_mix"]  # [[-P Z, P Z_v], [-E Z, E Z_v]], or
+    # [-P Z_v; -E Z_v] (n_e columns, for H - V_E) where Z = Z_v
     end_decay: Float[Array, "*blocks"]  # D[L, 0]
 
 
@@ -167,26 +171,53 @@ def _block_inputs(
 
     read_weights = jnp.where(step[:, None] >= step[None, :], D[1:, 1:], 0.0)  # [i, m]
     S = _pair_selection(L, c, dtype)
-    query_pairs = (queries @ features_e.T) @ S.T  # q_i . phi_(m, o)
-    read_pairs = per_pair(read_weights.T).T * writes[None, :] * query_pairs  # P
-    end_pairs = per_pair(D[L, 1:]) * writes  # c
-
+    n_e = features_e.shape[0]
     anchor = (step // chunk_size) * chunk_size  # a(i), a position
     evaluated_at = step + 1 if decay_first else anchor  # e_i
-    rhs_decay = per_pair(D[evaluated_at, 0])
-    n_e = features_e.shape[0]
-    # X~ = Z Phi_E and U = Z_v V_E (X = S Phi_E, V_X = S V_E): sums over the block's tokens.
-    right_hand_sides = jnp.concatenate([rhs_decay[:, None] * S, S], axis=1)
+    step_decay = D[evaluated_at, 0]  # D[e_m, 0]: the right-hand side's scale of step m's pairs
+    gram_q = queries @ features_e.T  # q_i . phi_j
+
     if affine_in_prediction and chunk_size < L:
+        writes = (lr[:, None] * step_gates).reshape(-1)  # eta_m gamma_{m,o}
+        read_pairs = per_pair(read_weights.T).T * writes[None, :] * (gram_q @ S.T)  # P
+        end_pairs = per_pair(D[L, 1:]) * writes  # c
+        # X~ = Z Phi_E and U = Z_v V_E (X = S Phi_E, V_X = S V_E): sums over the tokens.
+        right_hand_sides = jnp.concatenate([per_pair(step_decay)[:, None] * S, S], axis=1)
         earlier = step[None, :] + 1 <= anchor[:, None]  # [i, m]: m's write is in W_{a(i)}
         coupling = jnp.where(earlier, D[evaluated_at][:, 1:], 0.0)
         coupling = per_pair(per_pair(coupling.T).T) * writes[None, :]
         coupling = coupling * (S @ (features_e @ features_e.T) @ S.T)
         right_hand_sides = unit_lower_inverse(coupling) @ right_hand_sides
-    if not affine_in_prediction:  # dot: r = -v whatever the weights, so Z = 0
-        right_hand_sides = right_hand_sides.at[:, :n_e].set(0.0)
-    read = read_pairs @ right_hand_sides  # [P Z | P Z_v]
-    end = (S.T * end_pairs[None, :]) @ right_hand_sides  # S^T diag(c) [Z | Z_v]
+        read = read_pairs @ right_hand_sides  # [P Z | P Z_v]
+        end = (S.T * end_pairs[None, :]) @ right_hand_sides  # S^T diag(c) [Z | Z_v]
+    else:
+        # One anchor for the whole block (T = 0): Z = diag(D[e, 0]) S and Z_v = S, so every
+        # product with the pairs is a sum over tokens with the band of window gates
+        # Gamma[m, j] (the gate of token j in step m's window).
+        gates = jnp.einsum("mo,moj->mj", step_gates, S.reshape(L, c, n_e))
+        step_reads = read_weights * lr[None, :]
+        end_writes = D[L, 1:] * lr
+        if affine_in_prediction and not decay_first:  # D[e, 0] = D[0, 0] = 1: Z = Z_v
+            # the loop then multiplies by H - V_E (n_e columns, not 2 n_e)
+            read_v, end_v = (step_reads @ gates) * gram_q, end_writes @ gates
+            return _BlockInputs(
+                rows=jnp.concatenate([features_e, D[1:, 0][:, None] * queries]),
+                values=values_e,
+                mixing=-jnp.concatenate([read_v, jnp.diag(end_v)]),
+                end_decay=D[L, 0],
+            )
+        # dot: r = -v whatever the weights, so Z = 0
+        token_decay = step_decay if affine_in_prediction else jnp.zeros_like(step_decay)
+        read = jnp.concatenate(
+            [
+                ((step_reads * token_decay[None, :]) @ gates) * gram_q,
+                (step_reads @ gates) * gram_q,
+            ],
+            axis=1,
+        )
+        end = jnp.concatenate(
+            [jnp.diag((end_writes * token_decay) @ gates), jnp.diag(end_writes @ gates)], axis=1
+        )
 
     signs = jnp.concatenate([-jnp.ones(n_e, dtype), jnp.ones(n_e, dtype)])
     return _BlockInputs(
@@ -238,7 +269,10 @@ def exact_linear_scan(
         block = jax.tree.map(lambda x: x[k], blocks)
         projected = block.rows @ W.T  # [H; D Q W_0^T]
         H, y = projected[:n_e], projected[n_e:]
-        mixed = block.mixing @ jnp.concatenate([H, block.values])
+        if block.mixing.shape[-1] == n_e:
+            mixed = block.mixing @ (H - block.values)
+        else:
+            mixed = block.mixing @ jnp.concatenate([H, block.values])
         y = y + mixed[: y.shape[0]]
         W = block.end_decay * W + mixed[y.shape[0] :].T @ block.rows[:n_e]
         return W, y

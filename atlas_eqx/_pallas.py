@@ -628,7 +628,10 @@ def _exact_forward(
     size = functools.partial(_padded_size, backend=backend)
     L_p, n_e_p, d_in_p, d_out_p = size(L), size(n_e), size(memory.d_in), size(d_out)
     dtype = memory.weight.dtype
-    read, end = blocks.mixing[:, :L], blocks.mixing[:, L:]  # signs as in the XLA loop
+    mixing = blocks.mixing
+    if mixing.shape[-1] == n_e:  # the form for H - V_E: [M | -M] for [H; V_E]
+        mixing = jnp.concatenate([mixing, -mixing], axis=-1)
+    read, end = mixing[:, :L], mixing[:, L:]  # signs as in the XLA loop
     data = [
         _pad_to(blocks.rows[:, :n_e], (n_blocks, n_e_p, d_in_p)),
         _pad_to(blocks.rows[:, n_e:], (n_blocks, L_p, d_in_p)),
