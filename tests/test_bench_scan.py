@@ -45,13 +45,19 @@ def test_the_table_has_a_row_per_method_with_the_ratio_against_the_first(capsys)
         min_repeats=1,
         setups=("linear+gd",),
         methods=("sequential", "chunked"),
+        gemm_size=64,
     )
     rows = _bench.run_scan_benchmark(config)
-    assert [row["method"] for row in rows] == ["sequential", "chunked", "floor"]
+    assert [row["method"] for row in rows] == ["sequential", "chunked", "reference", "floor"]
     assert all(row["forward_tokens_per_s"] > 0 and row["backward_tokens_per_s"] > 0 for row in rows)
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split()[3] for line in printed[-2:]] == ["chunked", "floor"]
-    assert all(len(line.split()) == 10 for line in printed[-2:])  # rows after the first: ratios
+    assert [line.split()[3] for line in printed[-4:-1]] == ["chunked", "reference", "floor"]
+    assert all(len(line.split()) == 10 for line in printed[-4:-1])  # rows after the first: ratios
+    # the FLOP rates of chunked and reference against the GEMM timed in the same rounds
+    assert printed[-1].lstrip().startswith("GEMM 64^3") and "reference f+b" in printed[-1]
+    by_method = {row["method"]: row for row in rows}
+    for method in ("chunked", "reference"):
+        assert 0 < by_method[method]["fraction_of_gemm"] < float("inf")
 
 
 @pytest.mark.parametrize("T", [16, 13])
@@ -93,3 +99,36 @@ def test_the_floor_computes_omega_scan_with_its_anchor_independent_work_given(T)
     np.testing.assert_allclose(
         gradient(memory.weight, inputs), jax.grad(loss)(memory).weight, rtol=1e-10, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("T, b, window", [(16, 4, 3), (13, 4, 3), (12, 6, 1)])
+def test_the_reference_form_computes_omega_scan(T, b, window):
+    """The `reference` row (the plain chunked form the library's path is compared with) computes
+    `omega_scan`'s frozen-anchor chunks: outputs and gradients in float64, T a multiple of b
+    and not."""
+    d = 4
+    key = jax.random.key(5)
+    memory = jax.tree.map(lambda x: x.astype(jnp.float64), ae.LinearMemory(d, d, key=key))
+    q, k, v, lr, decay, momentum, gamma = (
+        x.astype(jnp.float64) for x in _bench._inputs(T, d, d, jax.random.fold_in(key, 1))
+    )
+
+    def ours(memory, q, k, v, lr, decay, gamma):
+        y, _ = ae.omega_scan(
+            memory, q, k, v, lr, decay, None, gamma, window=window, chunk_size=b,
+            optimizer=iopt.gd(), method="sequential",
+        )  # fmt: skip
+        return y
+
+    def reference(memory, q, k, v, lr, decay, gamma):
+        return _bench.reference_chunked_forward(
+            memory.weight, q, k, v, lr, decay, gamma, window=window, chunk_size=b
+        )
+
+    args = (memory, q, k, v, lr, decay, gamma)
+    np.testing.assert_allclose(reference(*args), ours(*args), rtol=1e-11, atol=1e-12)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+    expected = jax.grad(loss(ours), argnums=tuple(range(7)))(*args)
+    got = jax.grad(loss(reference), argnums=tuple(range(7)))(*args)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-11)

@@ -31,6 +31,8 @@ class ScanBenchConfig:
     setups: tuple[str, ...] = ("linear+gd", "mlp+momentum", "mlp+muon")
     max_sequential_length: int = 8192
     floor: bool = True  # add the `floor` row to linear+gd (see `_floor_forward`)
+    reference: bool = True  # add the `reference` row to linear+gd (`reference_chunked_forward`)
+    gemm_size: int = 1024  # linear+gd: a float32 matmul of this size timed in the same rounds
 
 
 def _setup(name: str, d_k: int, d_v: int, hidden: int, key):
@@ -193,6 +195,62 @@ def _peak_bytes(fn, args) -> int | None:
     )
 
 
+def reference_chunked_forward(W, q, k, v, lr, decay, gamma, *, window: int, chunk_size: int):
+    r"""A plain chunked reference of the frozen-anchor Omega rule for a linear memory under GD
+    with `l2` (per-token gates $\gamma_i$, retention $\alpha$ after the step), written as a
+    reader would write it: one `lax.scan` over chunks of $b$ tokens under `jax.checkpoint`,
+    everything of a chunk computed inside its step. With $R = \Phi_EW_s^\top - V_E$ at the
+    chunk-start weights $W_s$, $L_\alpha[t, m] = \prod_{j=m+1}^{t}\alpha_j$, $A_t =
+    \prod_{j\le t}\alpha_j$ and $\Gamma[m, j] = \gamma_j$ for the $c$ tokens of step $m$'s window,
+
+    $$Y = A\odot(QW_s^\top) - (C\odot Q\Phi_E^\top)R,\qquad W_{s+b} = A_bW_s - (C_b\odot R)^\top
+    \Phi_E,\qquad C = L_\alpha\,\mathrm{diag}(\eta)\,\Gamma.$$
+
+    `atlas-eqx bench scan` times it beside `omega_scan(method="chunked")` (issue 23: the
+    library's path should beat it); `tests/test_bench_scan.py` checks it computes the same."""
+    T, b, c = v.shape[0], chunk_size, window
+    n = -(-T // b)
+    pad = lambda x, value=0.0: jnp.pad(x, [(0, n * b - T)] + [(0, 0)] * (x.ndim - 1),
+                                       constant_values=value)  # fmt: skip
+    front = lambda x: jnp.pad(x, [(c - 1, 0)] + [(0, 0)] * (x.ndim - 1))  # empty window
+    k_e, v_e, g_e = front(pad(k)), front(pad(v)), front(pad(gamma))
+    steps = jnp.arange(b)
+    n_e = b + c - 1
+    in_window = (jnp.arange(n_e)[None, :] >= steps[:, None]) & (
+        jnp.arange(n_e)[None, :] < steps[:, None] + c
+    )
+
+    def chunk(W, i):
+        Phi = jax.lax.dynamic_slice_in_dim(k_e, i * b, n_e)
+        V = jax.lax.dynamic_slice_in_dim(v_e, i * b, n_e)
+        gates = jax.lax.dynamic_slice_in_dim(g_e, i * b, n_e)
+        Q = jax.lax.dynamic_slice_in_dim(pad(q), i * b, b)
+        eta = jax.lax.dynamic_slice_in_dim(pad(lr), i * b, b)
+        alpha = jax.lax.dynamic_slice_in_dim(pad(decay, 1.0), i * b, b)
+        A = jnp.cumprod(alpha)
+        L = jnp.where(steps[:, None] >= steps[None, :], A[:, None] / A[None, :], 0.0)
+        C = (L * eta[None, :]) @ jnp.where(in_window, gates[None, :], 0.0)
+        R = Phi @ W.T - V
+        y = A[:, None] * (Q @ W.T) - (C * (Q @ Phi.T)) @ R
+        return A[-1] * W - (C[-1][:, None] * R).T @ Phi, y
+
+    _, y = jax.lax.scan(jax.checkpoint(chunk), W, jnp.arange(n))
+    return y.reshape(-1, v.shape[1])[:T]
+
+
+def _reference_functions(window: int, chunk_size: int):
+    def forward(memory, q, k, v, lr, decay, momentum, gamma):
+        del momentum  # gd
+        return reference_chunked_forward(
+            memory.weight, q, k, v, lr, decay, gamma, window=window, chunk_size=chunk_size
+        )
+
+    def loss(memory, q, k, v, lr, decay, momentum, gamma):
+        return jnp.mean(forward(memory, q, k, v, lr, decay, momentum, gamma) ** 2)
+
+    return eqx.filter_jit(forward), eqx.filter_jit(eqx.filter_grad(loss))
+
+
 def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict[str, Any]]:
     key = jax.random.key(0)
     rows = []
@@ -205,7 +263,9 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
         "chunked-nsc = chunked with muon_per_chunk=True (an approximation, not the same function). "
         "floor = the linear GD dual form's chunk loop alone, its anchor-independent work (chunk "
         "layout, coefficients, the Gram C*Q Phi^T) done before timing: the chunked path's bound "
-        "on this machine if everything around its chunk loop were free."
+        "on this machine if everything around its chunk loop were free. reference = a plain "
+        "chunked form of the same rule (`reference_chunked_forward`: one checkpointed scan over "
+        "chunks, everything computed inside), the bar the library's chunked path is held to."
     )
     header = (
         f"{'setup':14s}{'T':>6s}{'b':>4s}{'method':>12s}{'fwd tok/s':>12s}{'f+b tok/s':>12s}"
@@ -230,6 +290,10 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                 plain_gd = not optimizer.uses_momentum and (
                     optimizer.precondition is iopt.no_precondition
                 )
+                if isinstance(memory, ae.LinearMemory) and plain_gd and config.reference:
+                    methods.append("reference")
+                    compiled["reference"] = _reference_functions(config.window, b)
+                    args_of["reference"] = args
                 if isinstance(memory, ae.LinearMemory) and plain_gd and config.floor:
                     methods.append("floor")
                     compiled["floor"] = _floor_functions()
@@ -239,10 +303,14 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                         floor_inputs(memory, config.window, b, *args_tail),
                     )
                 seconds = {}
+                gemm = _gemm(config.gemm_size) if "reference" in methods else {}
                 for part in (0, 1):  # the forwards interleaved, then the forward+backwards
                     timed = {(m, part): (compiled[m][part], args_of[m]) for m in methods}
                     seconds |= _time_interleaved(
-                        timed, config.repeats, config.min_repeats, config.round_budget_s
+                        timed | (gemm if part else {}),
+                        config.repeats,
+                        config.min_repeats,
+                        config.round_budget_s,
                     )
                 baseline = None
                 for method in methods:
@@ -273,4 +341,29 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                         f"{peak_mib:>10s}{per_token:>9s}{ratio_f:>7s}{ratio_b:>7s}",
                         flush=True,
                     )
+                if gemm:
+                    print(_gemm_line(rows[-len(methods) :], compiled, args_of, seconds, config))
     return rows
+
+
+def _gemm(n: int) -> dict[Any, tuple[Callable, tuple]]:
+    a = jnp.ones((n, n), jnp.float32)
+    return {("gemm", 1): (jax.jit(jnp.matmul), (a, a))}
+
+
+def _gemm_line(rows, compiled, args_of, seconds, config: ScanBenchConfig) -> str:
+    """The forward+backward's counted FLOP rate of the chunked path and the reference, as a
+    fraction of the GEMM's (timed in the same rounds)."""
+    from ._flops import count_flops
+
+    gemm_rate = 2 * config.gemm_size**3 / seconds[("gemm", 1)]
+    parts = [f"GEMM {config.gemm_size}^3 {gemm_rate / 1e9:.1f} GFLOP/s"]
+    for row in rows:
+        method = row["method"]
+        if method not in ("chunked", "reference"):
+            continue
+        flops = count_flops(compiled[method][1], *args_of[method]).total
+        rate = flops / seconds[(method, 1)]
+        row["fwd_bwd_flops_per_s"], row["fraction_of_gemm"] = rate, rate / gemm_rate
+        parts.append(f"{method} f+b {rate / 1e9:.1f} GFLOP/s ({rate / gemm_rate:.0%})")
+    return "    " + "; ".join(parts)
