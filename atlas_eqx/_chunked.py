@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, PyTree, Scalar
 
 import optimizers as iopt
 
-from ._memory import LinearMemory, MLPMemory
+from ._memory import layer_norm, LinearMemory, MLPMemory
 from ._scan_inputs import ScanInputs, ScanRule
 from ._state import OmegaState
 
@@ -311,9 +311,13 @@ def _mlp_gradient_factors(memory: MLPMemory, X, V, objective):
         h = memory.activation(z)
         inputs.append(h)
     out = h @ memory.weights[-1].T
+    if memory.layer_norm:
+        out, norm_vjp = jax.vjp(layer_norm, out)
     if memory.residual:
         out = out + X
     delta = jax.vmap(_output_grad, in_axes=(None, 0, 0))(objective, out, V)
+    if memory.layer_norm:
+        (delta,) = norm_vjp(delta)  # pyright: ignore[reportPossiblyUnboundVariable]
     deltas = [delta]
     for weight, z in zip(memory.weights[:0:-1], pre_activations[::-1], strict=True):
         _, activation_vjp = jax.vjp(memory.activation, z)
@@ -331,6 +335,8 @@ def _mlp_dual_read(memory: MLPMemory, S, inputs, deltas, Q, c: _Coefficients):
         if S is not None:
             pre = pre - c.c_S[:, None] * (g @ S[layer].T)
         g = memory.activation(pre) if layer < n_layers - 1 else pre
+    if memory.layer_norm:
+        g = layer_norm(g)
     return g + Q if memory.residual else g
 
 
@@ -496,6 +502,8 @@ def _decayed_reads(memory, A: Float[Array, " b"], X: Float[Array, "b d_in"]) -> 
         for weight in memory.weights[:-1]:
             h = jax.vmap(memory.activation)(A[:, None] * (h @ weight.T))
         out = A[:, None] * (h @ memory.weights[-1].T)
+        if memory.layer_norm:
+            out = layer_norm(out)
         return X + out if memory.residual else out
     params, static = eqx.partition(memory, eqx.is_inexact_array)
     return jax.vmap(lambda a, x: eqx.combine(jax.tree.map(lambda w: a * w, params), static)(x))(

@@ -80,8 +80,8 @@ class MemoryLayerConfig:
       `"kernel"` (the non-parametric exp-kernel memory of DeepTransformers / Dot, §5.3), or a
       factory `(d_in, d_out, *, key) -> AbstractMemory` (`MemoryFactory`; an `AbstractMemory`
       subclass with that `__init__` is one). `memory_depth`, `memory_expansion`,
-      `memory_residual`, `memory_activation` and `memory_init_std` configure the built-in
-      memories only.
+      `memory_residual`, `memory_activation`, `memory_init_std` and `memory_layer_norm`
+      configure the built-in memories only.
     - `memory_depth`: number of weight matrices of the `"mlp"` memory (Eq 42: 2).
     - `memory_expansion`: hidden width $= $ `memory_expansion` $\cdot d_v$ (A-6: $4d_v$).
     - `memory_residual`: `"auto"` (on iff $\dim\phi = d_v$), `True` or `False` (A-4). The
@@ -90,6 +90,10 @@ class MemoryLayerConfig:
       `"relu"`, `"tanh"`.
     - `memory_init_std`: scale of $W_0$; `None` is $1/\sqrt{\text{fan-in}}$, `0.0` is $W_0 = 0$
       (linear memory only; the MLPs would have zero gradients).
+    - `memory_layer_norm`: the MLP memories normalise their branch, $x + \mathrm{LN}(\cdot)$
+      (A-5, `MLPMemory(layer_norm=True)`); `False` is Eq 42 as printed. The presets with a deep
+      memory switch it on: without it their inner loops ran away in training once the fast
+      weights outgrew the step size (`experiments/results/claims/`).
     - `learn_initial_memory`: $W_0$ is an outer parameter, one per head, reset for every
       sequence (A-22); `False` freezes it (`jax.lax.stop_gradient`).
 
@@ -204,6 +208,7 @@ class MemoryLayerConfig:
     memory_residual: bool | str = "auto"
     memory_activation: str = "gelu"
     memory_init_std: float | None = None
+    memory_layer_norm: bool = False
     learn_initial_memory: bool = True
     feature_map: str | fm.AbstractFeatureMap = "polynomial"
     feature_degree: int = 2
@@ -272,6 +277,11 @@ class MemoryLayerConfig:
                 "MemoryLayerConfig: `memory_init_std=0.0` (W_0 = 0) is only allowed for "
                 "memory='linear'; an MLP memory at zero has zero gradients and never learns"
             )
+        if not isinstance(self.memory_layer_norm, bool):
+            raise ValueError(
+                f"MemoryLayerConfig: `memory_layer_norm` must be True or False; got "
+                f"{self.memory_layer_norm!r}"
+            )
         _check_int("feature_degree", self.feature_degree, 1)
         _check_choice("feature_form", self.feature_form, _FEATURE_FORMS)
         _check_int("ns_steps", self.ns_steps, 0)
@@ -302,6 +312,15 @@ class MemoryLayerConfig:
             if not 0 < value < 1:
                 raise ValueError(f"MemoryLayerConfig: `{name}` must lie in (0, 1); got {value!r}")
         _check_choice("lr_normalization", self.lr_normalization, _LR_NORMALIZATIONS)
+        if (
+            self.lr_normalization == "curvature"
+            and self.memory_layer_norm
+            and _named(self.memory) in ("mlp", "gated_mlp")
+        ):
+            raise ValueError(
+                "MemoryLayerConfig: lr_normalization='curvature' needs a curvature bound, and a "
+                "memory with `memory_layer_norm=True` has none; use 'sampled_curvature'"
+            )
         _check_choice("gamma_mode", self.gamma_mode, _GAMMA_MODES)
         _check_int("conv_size", self.conv_size, 0)
         if not self.norm_eps > 0:
@@ -500,6 +519,7 @@ class MemoryLayerConfig:
                 activation=activation,
                 residual=self.memory_residual,  # pyright: ignore[reportArgumentType]
                 init_std=self.memory_init_std,
+                layer_norm=self.memory_layer_norm,
             )
         if self.memory == "gated_mlp":
             return GatedMLPMemory(
@@ -510,6 +530,7 @@ class MemoryLayerConfig:
                 activation=activation,
                 residual=self.memory_residual,  # pyright: ignore[reportArgumentType]
                 init_std=self.memory_init_std,
+                layer_norm=self.memory_layer_norm,
             )
         raise ValueError("MemoryLayerConfig.make_memory: memory='kernel' has no weights")
 

@@ -91,11 +91,20 @@ class MLPMemory(AbstractMemory):
     is `weights[0]` (applied first) and its $W_1$ is `weights[1]`. The residual is only
     well-typed when $d_{in} = d_{out}$ (digest A-4); `residual="auto"` switches it on exactly
     then.
+
+    With `layer_norm=True` the branch is normalised before the residual, Miras's reading of
+    ATLAS App. E's "layer norm" (digest A-5): $\mathcal M(x) = x + \mathrm{LN}(W_L\sigma(\cdots))$,
+    $\mathrm{LN}(u) = (u - \bar u)/\sqrt{\mathrm{var}(u) + \epsilon}$ without a gain (`layer_norm`).
+    The read is then invariant to the scale of $W_L$ (and, for a positively homogeneous
+    $\sigma$, of every $W_l$), so a GD step's gradient is orthogonal to that scale and shrinks
+    as the weights grow: the inner loop cannot run away, which it does without the norm once
+    its weights outgrow the step size (`atlas_eqx.diagnose_scan`).
     """
 
     weights: tuple[Float[Array, "_ _"], ...]
     activation: Callable[[Array], Array] = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
+    layer_norm: bool = eqx.field(static=True)
     d_in: int = eqx.field(static=True)
     d_out: int = eqx.field(static=True)
 
@@ -110,6 +119,7 @@ class MLPMemory(AbstractMemory):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         residual: bool | Literal["auto"] = "auto",
         init_std: float | None = None,
+        layer_norm: bool = False,
     ):
         """**Arguments:**
 
@@ -120,6 +130,8 @@ class MLPMemory(AbstractMemory):
         - `activation`: $\\sigma$, GELU by default (ATLAS App. E).
         - `residual`: `True`, `False` or `"auto"` (on iff `d_in == d_out`).
         - `init_std`: scale of $W_0$; defaults to $1/\\sqrt{\\text{fan-in}}$ per matrix.
+        - `layer_norm`: normalise the branch, $x + \\mathrm{LN}(\\cdot)$ (A-5); off by default
+          (Eq 42 as printed).
         """
         _check_dims(d_in, d_out, "MLPMemory")
         if depth < 1:
@@ -135,6 +147,7 @@ class MLPMemory(AbstractMemory):
         )
         self.activation = activation
         self.residual = _resolve_residual(residual, d_in, d_out, "MLPMemory")
+        self.layer_norm = bool(layer_norm)
         self.d_in = d_in
         self.d_out = d_out
 
@@ -143,6 +156,8 @@ class MLPMemory(AbstractMemory):
         for weight in self.weights[:-1]:
             h = self.activation(weight @ h)
         out = self.weights[-1] @ h
+        if self.layer_norm:
+            out = layer_norm(out)
         return x + out if self.residual else out
 
     def curvature_bound(self) -> Float[Array, ""]:
@@ -152,8 +167,15 @@ class MLPMemory(AbstractMemory):
         The gradient of layer $l$ is $\delta_l h_{l-1}^\top$ with $\|h_{l-1}\| \le
         \prod_{j<l}s_j\|x\|$ (it uses $|\sigma(z)| \le |z|$, true of GELU, SiLU, ReLU and
         tanh) and $\|\delta_l\| \le \prod_{j>l}\lambda s_j\|r\|$; the residual adds
-        nothing. Spectral norms by power iteration, outside the outer gradient.
+        nothing. Spectral norms by power iteration, outside the outer gradient. With
+        `layer_norm` there is no bound (the norm's Jacobian grows as its input shrinks): this
+        raises, and `lr_normalization="sampled_curvature"` is the one to use.
         """
+        if self.layer_norm:
+            raise ValueError(
+                "MLPMemory.curvature_bound: a memory with `layer_norm=True` has no curvature "
+                "bound; use lr_normalization='sampled_curvature'"
+            )
         s2 = [_spectral_norm_squared(w) for w in self.weights]
         slope2 = _activation_slope(self.activation) ** 2
         total = jnp.zeros((), s2[0].dtype)
@@ -171,7 +193,8 @@ class MLPMemory(AbstractMemory):
 class GatedMLPMemory(AbstractMemory):
     r"""Atlas++'s gated memory (ATLAS Eq 43): $\mathcal M(x) = x + W_1(\sigma(W_2x) \odot W_3x)$.
 
-    $W_3$ has the shape of $W_2$ and $\sigma$ is GELU by default (digest A-32).
+    $W_3$ has the shape of $W_2$ and $\sigma$ is GELU by default (digest A-32). `layer_norm`
+    normalises the branch as in `MLPMemory` (A-5).
     """
 
     W1: Float[Array, "d_out hidden"]
@@ -179,6 +202,7 @@ class GatedMLPMemory(AbstractMemory):
     W3: Float[Array, "hidden d_in"]
     activation: Callable[[Array], Array] = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
+    layer_norm: bool = eqx.field(static=True)
     d_in: int = eqx.field(static=True)
     d_out: int = eqx.field(static=True)
 
@@ -192,6 +216,7 @@ class GatedMLPMemory(AbstractMemory):
         activation: Callable[[Array], Array] = jax.nn.gelu,
         residual: bool | Literal["auto"] = "auto",
         init_std: float | None = None,
+        layer_norm: bool = False,
     ):
         _check_dims(d_in, d_out, "GatedMLPMemory")
         hidden = 4 * d_out if hidden is None else hidden
@@ -205,19 +230,40 @@ class GatedMLPMemory(AbstractMemory):
         self.W3 = _normal(k3, (hidden, d_in), std_in)
         self.activation = activation
         self.residual = _resolve_residual(residual, d_in, d_out, "GatedMLPMemory")
+        self.layer_norm = bool(layer_norm)
         self.d_in = d_in
         self.d_out = d_out
 
     def __call__(self, x: Float[Array, " d_in"]) -> Float[Array, " d_out"]:
         out = self.W1 @ (self.activation(self.W2 @ x) * (self.W3 @ x))
+        if self.layer_norm:
+            out = layer_norm(out)
         return x + out if self.residual else out
 
     def curvature_bound(self) -> Float[Array, ""]:
         r"""$\kappa = s_2^2s_3^2 + \lambda^2s_1^2s_3^2 + s_1^2s_2^2$ at $\|x\| = 1$,
-        $s_j = \|W_j\|_2$ (the layer is bilinear in $x$, so the bound grows as $\|x\|^4$)."""
+        $s_j = \|W_j\|_2$ (the layer is bilinear in $x$, so the bound grows as $\|x\|^4$).
+        None exists with `layer_norm`: this raises, as `MLPMemory.curvature_bound` does."""
+        if self.layer_norm:
+            raise ValueError(
+                "GatedMLPMemory.curvature_bound: a memory with `layer_norm=True` has no "
+                "curvature bound; use lr_normalization='sampled_curvature'"
+            )
         s1, s2, s3 = (_spectral_norm_squared(w) for w in (self.W1, self.W2, self.W3))
         slope2 = _activation_slope(self.activation) ** 2
         return s2 * s3 + slope2 * s1 * s3 + s1 * s2
+
+
+LAYER_NORM_EPS = 1e-5
+
+
+def layer_norm(
+    u: Float[Array, "*batch d"], eps: float = LAYER_NORM_EPS
+) -> Float[Array, "*batch d"]:
+    r"""$\mathrm{LN}(u) = (u - \bar u)/\sqrt{\mathrm{var}(u) + \epsilon}$ over the last axis,
+    without a gain or bias: the norm of a deep memory's branch (digest A-5)."""
+    centred = u - jnp.mean(u, axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
 
 
 _ACTIVATION_SLOPES = {jax.nn.gelu: 1.129, jax.nn.silu: 1.0998, jax.nn.relu: 1.0, jnp.tanh: 1.0}

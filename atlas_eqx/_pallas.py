@@ -173,6 +173,11 @@ def check_supported(
             f"omega_scan: method='pallas' supports LinearMemory and MLPMemory, not "
             f"{type(memory).__name__}; use method='chunked'"
         )
+    if isinstance(memory, MLPMemory) and memory.layer_norm:
+        raise ValueError(
+            "omega_scan: method='pallas' does not support MLPMemory(layer_norm=True); use "
+            "method='chunked'"
+        )
     if optimizer.precondition is None:
         raise ValueError(
             "omega_scan: this `optimizer` (from_optax) is opaque to the fast paths; use "

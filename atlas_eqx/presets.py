@@ -52,6 +52,17 @@ define their model with $b$, as Titans and ATLAS do: `atlas`, `atlas_pp` ($b = 4
   at 0.5), but a memory that rewrites itself that fast leaves the outer model little to learn
   from; a smaller step trains.
 - Hebbian presets: $\eta_{\max} = 1$.
+
+**Deep memories** (`atlas`, `atlas_pp`, `omeganet`, `titans`, `dla`) normalise the MLP's
+branch, $\mathcal M(x) = x + \mathrm{LN}(W_1\sigma(W_2x))$ (`memory_layer_norm=True`; Miras's
+reading of App. E's "layer norm", digest A-5; titans-pytorch's default too). Without it the
+step-size rules above hold only at $W_0$: in the claims study (`experiments/results/claims/`)
+`titans` went NaN at every outer rate on single-needle recall at T 128, and `omeganet` with the
+exact polynomial map at every rate on MQAR with 8 heads, each time because one head's fast
+weights outgrew the step (`atlas_eqx.diagnose_scan`: growth x10^5 to x10^17 within 128
+tokens). With the norm a read does not change with the scale of the last matrix, so the
+gradient is orthogonal to it and shrinks as the weights grow. `memory_layer_norm=False` gives
+Eq 42 as printed.
 """
 
 import dataclasses
@@ -192,7 +203,7 @@ def atlas(
 ) -> MemoryLayer:
     r"""ATLAS (ATLAS §5, Eqs 32-33, App. E): deep memory, polynomial $\phi$, window $c$, Muon.
 
-    Memory $\mathcal M(x) = x + W_1\sigma(W_2x)$ (Eq 42; 2 layers, hidden $4d_v$ (A-6), GELU,
+    Memory $\mathcal M(x) = x + \mathrm{LN}(W_1\sigma(W_2x))$ (Eq 42 with A-5's norm; 2 layers, hidden $4d_v$ (A-6), GELU,
     residual when $\dim\phi = d_v$ (A-4)), learned $W_0$ per head (A-22). $\phi$: element-wise
     degree 2 (module docstring). Omega window $c = 4$ (A-30), $\ell_2$ objective, Muon with 5
     NS steps, $S_t = \theta_tS_{t-1} + g_t$. Gates $\eta, \alpha, \theta$ per token and head,
@@ -209,6 +220,7 @@ def atlas(
     """
     base = dict(
         memory="mlp",
+        memory_layer_norm=True,
         objective="l2",
         optimizer="muon",
         muon_per_chunk=True,
@@ -232,6 +244,7 @@ def atlas_pp(
     $\mathcal M(x) = x + W_1(\sigma(W_2x)\odot W_3x)$, GELU, $W_3$ shaped like $W_2$ (A-32)."""
     base = dict(
         memory="gated_mlp",
+        memory_layer_norm=True,
         objective="l2",
         optimizer="muon",
         muon_per_chunk=True,
@@ -259,6 +272,7 @@ def omeganet(
     """
     base = dict(
         memory="mlp",
+        memory_layer_norm=True,
         objective="l2",
         optimizer="gd",
         **_ATLAS_FEATURES,
@@ -286,6 +300,7 @@ def titans(
     """
     base = dict(
         memory="mlp",
+        memory_layer_norm=True,
         objective="l2",
         optimizer="momentum",
         feature_map="identity",
@@ -443,6 +458,7 @@ def dla(
     """
     base = dict(
         memory="mlp",
+        memory_layer_norm=True,
         objective="dot",
         optimizer="gd",
         gamma_mode="none",

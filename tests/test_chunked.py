@@ -55,13 +55,17 @@ GATE_KINDS = ("none", "token", "step")
 
 
 def make_memory(kind: str, d_in: int, seed: int, **kwargs: Any) -> ae.AbstractMemory:
-    """`mlp2`: the paper's x + W1 sigma(W2 x) (residual when d_in == d_out); `mlp3`: depth 3,
-    no residual."""
+    """`mlp2`: the paper's x + W1 sigma(W2 x) (residual when d_in == d_out); `mlp2_ln`: the same
+    with the branch layer-normalised (A-5; at D = 2 the norm is nearly constant, so its
+    arithmetic is tested at D = 4 by `test_layer_norm_memory_fast_paths_equal_sequential`);
+    `mlp3`: depth 3, no residual."""
     key = jax.random.PRNGKey(seed % (2**31))
     if kind == "linear":
         return ae.LinearMemory(d_in, D, key=key, **kwargs)
     if kind == "mlp2":
         return ae.MLPMemory(d_in, D, key=key, hidden=4, depth=2, **kwargs)
+    if kind == "mlp2_ln":
+        return ae.MLPMemory(d_in, D, key=key, hidden=4, depth=2, layer_norm=True, **kwargs)
     if kind == "mlp3":
         return ae.MLPMemory(d_in, D, key=key, hidden=3, depth=3, residual=False, **kwargs)
     if kind == "gated":
@@ -329,6 +333,49 @@ def _spy_on_chunk_forms(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.parametrize(
+    ("opt", "objective", "residual"),
+    [("gd", "l2", True), ("momentum", "l2", True), ("momentum", "dot", False)],
+)
+def test_layer_norm_memory_fast_paths_equal_sequential(opt, objective, residual):
+    """`MLPMemory(layer_norm=True)` at d_k = d_v = 4 (where the norm's Jacobian is far from
+    zero): the dual form (`_mlp_dual_scan`, which backpropagates through the norm by hand) and
+    the materialised chunk equal the sequential oracle in reads, final state and the
+    gradients with respect to k and v (float64; T 11, b 3, window 2, token gates)."""
+    d, T = 4, 11
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((T, d))) for _ in range(3))
+    lr = jnp.asarray(rng.uniform(0.05, 0.9, T))
+    decay = jnp.asarray(rng.uniform(0.6, 1.0, T))
+    momentum = jnp.asarray(rng.uniform(0.05, 0.9, T)) if opt == "momentum" else None
+    gamma = jnp.asarray(rng.uniform(0.1, 1.0, T))
+    memory = ae.MLPMemory(
+        d, d, key=jax.random.PRNGKey(3), hidden=6, layer_norm=True, residual=residual
+    )
+    kw = dict(objective=OBJECTIVES[objective], optimizer=OPTIMIZERS[opt], window=2, chunk_size=3)
+
+    def loss(method, k, v, **extra):
+        if method == "direct":
+            y, _ = _direct(
+                memory, fm.Identity(), q, k, v, lr, decay, momentum, gamma, **kw, **extra
+            )
+        else:
+            y, _ = ae.omega_scan(memory, q, k, v, lr, decay, momentum, gamma, method=method, **kw)
+        return jnp.sum(jnp.sin(y))
+
+    arrays = (q, k, v, lr, decay, momentum, gamma)
+    y_seq, state_seq = ae.omega_scan(memory, *arrays, method="sequential", **kw)
+    y_chk, state_chk = ae.omega_scan(memory, *arrays, method="chunked", **kw)
+    y_mat, state_mat = _direct(memory, fm.Identity(), *arrays, force_materialised=True, **kw)
+    assert_tree_close(y_chk, y_seq)
+    assert_tree_close(state_chk, state_seq)
+    assert_tree_close(y_mat, y_seq)
+    grads_seq = jax.grad(lambda k, v: loss("sequential", k, v), argnums=(0, 1))(k, v)
+    grads_chk = jax.grad(lambda k, v: loss("chunked", k, v), argnums=(0, 1))(k, v)
+    assert_tree_close(grads_chk, grads_seq)
+    assert float(jnp.max(jnp.abs(grads_seq[1]))) > 1e-3  # the norm passes gradient through
+
+
 def _form(name: str) -> str:
     for prefix in ("_linear_dual", "_mlp_dual"):
         if name.startswith(prefix):
@@ -342,6 +389,7 @@ def _form(name: str) -> str:
         ("linear", "gd", {}, "_linear_dual"),
         ("linear", "momentum", {}, "_linear_dual"),
         ("mlp2", "gd", {}, "_mlp_dual"),
+        ("mlp2_ln", "momentum", {}, "_mlp_dual"),
         ("mlp3", "momentum", {}, "_mlp_dual"),
         ("linear", "momentum", {"force_materialised": True}, "_materialised_chunk"),
         ("mlp2", "gd", {"force_materialised": True}, "_materialised_chunk"),

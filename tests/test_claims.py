@@ -108,6 +108,29 @@ def test_paired_verdict_reads_each_ablation_in_the_papers_direction():
     assert verdict(PAIRED, _summaries(PAIRED, better))[0] == "refuted"
 
 
+def test_a_diverged_run_never_decides_a_comparison_nor_the_rate():
+    """A diverged seed has no score (its record's 0.0 is not an accuracy, and would be a perfect
+    bits-per-byte): the comparison is "not resolved" and names it; the rate sweep skips
+    diverged rates."""
+    runs: dict = {}
+    first = plan(RANKING, runs, WIDTHS)
+    _finish(runs, first, lambda p: 0.9 if p.lr == LRS[0] else 0.2, lambda p: 0.5)
+    for p in first:
+        if p.arm.name == "b" and p.lr == LRS[0]:
+            runs[p.key]["diverged_at"] = 40
+    second = plan(RANKING, runs, WIDTHS)
+    assert {(p.arm.name, p.lr) for p in second} == {("a", LRS[0]), ("b", LRS[1])}
+    _finish(runs, second, lambda p: 0.9, lambda p: 0.9 if p.arm.name == "a" else 0.1)
+    for key, record in runs.items():
+        if record["seed"] == 2 and json.loads(key)["preset"] == "linear_attention":
+            record["diverged_at"] = 7
+    summaries = summarise(RANKING, runs, WIDTHS)
+    assert summaries[1].diverged == 1 and len(summaries[1].tests) == 2
+    result, lines = verdict(RANKING, summaries)
+    assert result == "not resolved"
+    assert "b diverged in 1 of 3 seeds" in lines[0]
+
+
 def test_unfinished_claims_say_how_far_they_are():
     runs: dict = {}
     _finish(runs, plan(RANKING, runs, WIDTHS), lambda p: 0.5, lambda p: 0.5)

@@ -121,6 +121,58 @@ def test_mlp_memory_depth_two_is_the_papers_eq_42():
     _close(memory(x), x + W1 @ jnp.asarray(_gelu_tanh(W2 @ x)))
 
 
+def _layer_norm_reference(u):
+    centred = u - u.mean()
+    return centred / np.sqrt(np.mean(centred**2) + 1e-5)
+
+
+@given(seed=SEEDS, depth=st.sampled_from([1, 2]), residual=st.booleans())
+def test_mlp_memory_layer_norm_is_x_plus_ln_of_the_branch(seed, depth, residual):
+    """`layer_norm=True` (A-5, Miras's form): x + LN(W_L sigma(... W_1 x)), LN without a gain."""
+    memory = ae.MLPMemory(
+        4, 4, key=jax.random.PRNGKey(seed % 1000), depth=depth, residual=residual, layer_norm=True
+    )
+    x = _x(seed, 4)
+    weights = [np.asarray(w) for w in memory.weights]
+    branch = _mlp_reference(weights, np.asarray(x), _gelu_tanh, False)
+    expected = _layer_norm_reference(branch) + (np.asarray(x) if residual else 0.0)
+    _close(_apply(memory, x), expected)
+    gated = ae.GatedMLPMemory(4, 4, key=jax.random.PRNGKey(seed % 1000), layer_norm=True)
+    W1, W2, W3 = (np.asarray(w) for w in (gated.W1, gated.W2, gated.W3))
+    gated_branch = W1 @ (_gelu_tanh(W2 @ np.asarray(x)) * (W3 @ np.asarray(x)))
+    _close(_apply(gated, x), np.asarray(x) + _layer_norm_reference(gated_branch))
+
+
+@given(seed=SEEDS, scale=st.sampled_from([0.5, 3.0]))
+def test_layer_norm_memory_gradient_is_orthogonal_to_the_last_matrix(seed, scale):
+    """Why the norm keeps inner loops finite: the read does not change when the last matrix is
+    scaled (up to LN's epsilon), so the inner loss's gradient with respect to that matrix is
+    orthogonal to it, <grad, W_L> = 0, and a GD step can only grow its norm, by a step that
+    shrinks as it grows."""
+    key = jax.random.PRNGKey(seed % 1000)
+    memory = ae.MLPMemory(4, 4, key=key, init_std=1.0, layer_norm=True)  # var(branch) >> eps
+    x, v = _x(seed, 4), _x(seed + 1, 4)
+    scaled = eqx.tree_at(lambda m: m.weights[-1], memory, scale * memory.weights[-1])
+    np.testing.assert_allclose(np.asarray(scaled(x)), np.asarray(memory(x)), rtol=1e-4, atol=1e-4)
+    grad = eqx.filter_grad(lambda m: ae.l2(m(x), v))(memory)
+    inner = float(jnp.sum(grad.weights[-1] * memory.weights[-1]))
+    size = float(jnp.linalg.norm(grad.weights[-1]) * jnp.linalg.norm(memory.weights[-1]))
+    assert abs(inner) < 1e-4 * size and size > 0
+    plain = ae.MLPMemory(4, 4, key=key, init_std=1.0)
+    plain_grad = eqx.filter_grad(lambda m: ae.l2(m(x), v))(plain)
+    assert abs(float(jnp.sum(plain_grad.weights[-1] * plain.weights[-1]))) > 1e-3  # not by chance
+
+
+def test_layer_norm_memory_has_no_curvature_bound():
+    memory = ae.MLPMemory(3, 3, key=jax.random.PRNGKey(0), layer_norm=True)
+    with pytest.raises(ValueError, match="sampled_curvature"):
+        memory.curvature_bound()
+    with pytest.raises(ValueError, match="memory_layer_norm"):
+        ae.MemoryLayerConfig(
+            d_model=8, n_heads=2, memory_layer_norm=True, lr_normalization="curvature"
+        )
+
+
 @pytest.mark.parametrize("residual", [True, False, "auto"])
 def test_mlp_memory_residual_switch(residual):
     square = ae.MLPMemory(3, 3, key=jax.random.PRNGKey(0), residual=residual)

@@ -350,6 +350,7 @@ def _bad_objective(prediction, target):
     ("case", "match"),
     [
         ("gated", "GatedMLPMemory; use method='chunked'"),
+        ("layer_norm", r"MLPMemory\(layer_norm=True\); use method='chunked'"),
         ("decay_first", "decay_first=True`; use method='chunked'"),
         ("muon_per_chunk", "needs method='chunked'"),
         ("from_optax", "method='sequential'"),
@@ -361,7 +362,7 @@ def _bad_objective(prediction, target):
 )
 def test_unsupported_configurations_raise(case, match):
     """Everything the kernels do not compute is a ValueError before any work, never a silent
-    fallback: the gated MLP, decay_first, the per-chunk Muon approximation, opaque learners,
+    fallback: the gated MLP, the layer-normalised MLP, decay_first, the per-chunk Muon approximation, opaque learners,
     other objectives, lp's NaN gradient at zero residual, other preconditioners, and a hidden
     width that needs padding with an activation that is not 0 at 0."""
     memory = make_memory("linear", 4, 4, 0)
@@ -369,6 +370,8 @@ def test_unsupported_configurations_raise(case, match):
     kw: dict[str, Any] = dict(optimizer=iopt.muon(), method="pallas")
     if case == "gated":
         memory = make_memory("gated", 4, 4, 0)
+    elif case == "layer_norm":
+        memory = make_memory("mlp", 4, 4, 0, layer_norm=True)
     elif case == "decay_first":
         kw["decay_first"] = True
     elif case == "muon_per_chunk":

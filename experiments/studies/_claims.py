@@ -419,11 +419,14 @@ class PlannedRun:
 
 
 def chosen_lr(runs: dict[str, dict], planned: Sequence[PlannedRun]) -> float | None:
-    """The rate with the best seed-0 validation accuracy among `planned` (one per rate), or
-    None while any of them has not run."""
+    """The rate with the best seed-0 validation score among `planned` (one per rate) that did
+    not diverge (the smallest rate when all did), or None while any of them has not run."""
     if any(p.key not in runs for p in planned):
         return None
-    return max(planned, key=lambda p: runs[p.key]["validation"]).lr
+    trained = [p for p in planned if runs[p.key]["diverged_at"] is None]
+    if not trained:
+        return min(p.lr for p in planned)
+    return max(trained, key=lambda p: runs[p.key]["validation"]).lr
 
 
 def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> list[PlannedRun]:

@@ -70,8 +70,8 @@ def summarise(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]
             ArmSummary(
                 name=arm.name,
                 lr=rate,
-                tests=[r["test"] for r in done],
-                validations=[r["validation"] for r in done],
+                tests=[r["test"] for r in done if r["diverged_at"] is None],
+                validations=[r["validation"] for r in done if r["diverged_at"] is None],
                 parameters=done[0]["parameters"] if done else None,
                 mlp_hidden=widths[arm.name],
                 diverged=sum(r["diverged_at"] is not None for r in done),
@@ -83,7 +83,13 @@ def summarise(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]
 
 def compare(better: ArmSummary, worse: ArmSummary) -> tuple[float, float, str]:
     """Gap of `better` over `worse` (the paper's direction), twice the larger seed range, and
-    "as the paper" / "the other way" / "not resolved"."""
+    "as the paper" / "the other way" / "not resolved" (always, when a run of either diverged:
+    its seed has no score, and a model that did not train says nothing of the claim)."""
+    diverged = [f"{s.name} diverged in {s.diverged} of {len(SEEDS)} seeds"
+                for s in (better, worse) if s.diverged]  # fmt: skip
+    if diverged:
+        gap = better.mean - worse.mean if better.tests and worse.tests else float("nan")
+        return gap, float("nan"), "not resolved (" + "; ".join(diverged) + ")"
     gap = better.mean - worse.mean
     threshold = 2 * max(spread(better.tests), spread(worse.tests))
     if gap > threshold:
@@ -97,7 +103,7 @@ def verdict(claim: Claim, summaries: Sequence[ArmSummary]) -> tuple[str, list[st
     """The claim's verdict and one line per comparison behind it."""
     if claim.not_tested is not None:
         return "not tested here", [claim.not_tested]
-    finished = sum(len(s.tests) for s in summaries)
+    finished = sum(len(s.tests) + s.diverged for s in summaries)
     expected_runs = len(SEEDS) * len(summaries)
     if finished < expected_runs:
         return f"running ({finished} of {expected_runs} final runs)", []
@@ -114,6 +120,9 @@ def verdict(claim: Claim, summaries: Sequence[ArmSummary]) -> tuple[str, list[st
     for better, worse in pairs:
         gap, threshold, reading = compare(better, worse)
         readings.append(reading)
+        if np.isnan(threshold):
+            lines.append(f"{better.name} ahead of {worse.name} (the paper's order): {reading}.")
+            continue
         lines.append(
             f"{better.name} ahead of {worse.name} (the paper's order) by {gap:+.3f} "
             f"{claim.task.metric} against twice the seed range {threshold:.3f}: {reading}."
