@@ -23,13 +23,12 @@ from ._claims import (
     claim_widths,
     CLAIMS,
     final_runs,
-    load_runs,
     LRS,
-    run_claims,
     SEEDS,
     spread,
     sweep_runs,
 )
+from ._claims_run import load_runs, run_claims
 
 
 COMMAND = "atlas-eqx results claims"
@@ -282,7 +281,7 @@ def format_page(
         "# The paper's claims, tested",
         "",
         f"Regenerate (resumes from `runs.jsonl`): `{COMMAND}`. Protocol: "
-        "`experiments/studies/_claims.py`; verdict rule: `experiments/studies/_claims_page.py`. "
+        "`experiments/studies/_claims.py` (running it: `_claims_run.py`); verdict rule: `experiments/studies/_claims_page.py`. "
         f"{len(runs)} runs so far, {seconds / 3600:.1f} core-hours of training.",
         "",
         claims_table(rows, link_prefix=""),
