@@ -157,8 +157,9 @@ class MemoryLayerConfig:
       the linear memory's rule $\eta_{\max} = 1/(c\,\kappa_\phi)$ intends, for any memory,
       custom ones included, and it follows $W_0$ as the outer loop changes it. It is an
       estimate over typical directions, not a bound: at the gates' extremes (10k unit tokens,
-      $\alpha = 1$, $\theta = 0.99$) `titans` stays finite at head dimension 16 and diverges
-      at head dimension 8. `"curvature"`: the worst case over unit inputs,
+      $\alpha = 1$, $\theta = 0.99$) `titans` without `memory_layer_norm` stays finite at head
+      dimension 16 and diverges at head dimension 8 (with it, the preset's default, both stay
+      finite). `"curvature"`: the worst case over unit inputs,
       `AbstractMemory.curvature_bound` (about 12 for the default MLP memory), a guarantee
       against overshooting that makes deep memories write ~4x more weakly. `"mean_curvature"`
       is not offered: the mean (about 2) let `titans` diverge at the extremes at head
