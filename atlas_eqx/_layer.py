@@ -93,7 +93,8 @@ class MemoryLayerConfig:
     - `memory_layer_norm`: the MLP memories normalise their branch, $x + \mathrm{LN}(\cdot)$
       (A-5, `MLPMemory(layer_norm=True)`); `False` is Eq 42 as printed. The presets with a deep
       memory switch it on: without it their inner loops ran away in training once the fast
-      weights outgrew the step size (`experiments/results/claims/`).
+      weights outgrew the step size (`experiments/results/claims/`). Their $\eta_t$ is then
+      not divided by a curvature (`lr_normalization`).
     - `learn_initial_memory`: $W_0$ is an outer parameter, one per head, reset for every
       sequence (A-22); `False` freezes it (`jax.lax.stop_gradient`).
 
@@ -159,7 +160,11 @@ class MemoryLayerConfig:
       estimate over typical directions, not a bound: at the gates' extremes (10k unit tokens,
       $\alpha = 1$, $\theta = 0.99$) `titans` without `memory_layer_norm` stays finite at head
       dimension 16 and diverges at head dimension 8 (with it, the preset's default, both stay
-      finite). `"curvature"`: the worst case over unit inputs,
+      finite). A layer-normalised branch (`memory_layer_norm`) is not normalised (1): its read
+      ignores the scale of the last matrix, so $W_0$'s curvature, about 200 at head dimension
+      16 (set by the branch's small variance at initialisation), says nothing of the steps that
+      follow, and dividing by it stopped `titans` and `omeganet` learning (MQAR validation
+      0.17 and 0.22 against 0.99 and 0.98 undivided, 800 steps, seed 0). `"curvature"`: the worst case over unit inputs,
       `AbstractMemory.curvature_bound` (about 12 for the default MLP memory), a guarantee
       against overshooting that makes deep memories write ~4x more weakly. `"mean_curvature"`
       is not offered: the mean (about 2) let `titans` diverge at the extremes at head
@@ -890,13 +895,16 @@ class MemoryLayer(AbstractMixer):
     def curvature_normalizer(self) -> Float[Array, " H"]:
         r"""Per head, what $\eta_t$ is divided by (`lr_normalization`), never below 1:
         `sampled_curvature` or `curvature_bound` of the learned initial memory $W_0$ for GD and
-        momentum learners on parametric memories, else 1."""
+        momentum learners on parametric memories, else 1 (also for a layer-normalised branch,
+        `memory_layer_norm`)."""
         c = self.config
         ones = jnp.ones((c.n_heads,), self.q_proj.dtype)
         if c.lr_normalization == "none" or not c.step_follows_gradient or self.memory is None:
             return ones
         if isinstance(self.memory, LinearMemory):
             return ones  # both curvatures are exactly ||x||^2 = 1
+        if getattr(self.memory, "layer_norm", False):
+            return ones  # W_0's curvature says nothing of later steps (scale-invariant branch)
         if c.lr_normalization == "sampled_curvature":
             curvature = eqx.filter_vmap(sampled_curvature)(self._initial_memory())
         elif type(self.memory).curvature_bound is AbstractMemory.curvature_bound:

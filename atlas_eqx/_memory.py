@@ -309,7 +309,10 @@ def gauss_newton_curvature(
         return eqx.combine(p, static)(x)
 
     _, pullback = jax.vjp(read, params)
-    u = jnp.ones((memory.d_out,), x.dtype) / math.sqrt(memory.d_out)
+    # A fixed random start: the all-ones vector lies in the null space of a layer norm's
+    # Jacobian (it removes the mean), where power iteration would stay at zero.
+    u = jax.random.normal(jax.random.key(0), (memory.d_out,), x.dtype)
+    u = u / jnp.linalg.norm(u)
 
     def step(u, _):
         (g,) = pullback(u)

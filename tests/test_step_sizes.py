@@ -120,6 +120,13 @@ def test_inner_step_size_rules():
     muon = _layer(optimizer="muon", lr_max=0.4, lr_init=0.1, lr_normalization="curvature")
     np.testing.assert_allclose(muon.memory_inputs(x).lr, 0.4 * gate, rtol=1e-12)
 
+    # A layer-normalised branch is invariant to its last matrix's scale: W_0's curvature (far
+    # above 1 here) does not divide its step.
+    normed = _layer(optimizer="gd", lr_max=0.4, lr_init=0.1, memory_layer_norm=True)
+    head = jax.tree.map(lambda a: a[0], normed.memory)
+    assert float(ae.sampled_curvature(head)) > 10
+    np.testing.assert_allclose(normed.memory_inputs(x).lr, 0.4 * gate, rtol=1e-12)
+
 
 def test_decay_time_scales_spread_geometrically_over_heads():
     config = ae.MemoryLayerConfig(d_model=16, n_heads=4, decay_init=(0.9, 0.999))
@@ -172,8 +179,8 @@ MEMORY_PRESETS = [name for name in presets.__all__ if name not in ("transformer"
 def test_inner_loop_at_the_gates_extremes_stays_finite(name):
     # 10k unit-norm tokens, step gate at its supremum, no forgetting, momentum 0.99.
     # Head dimension 16, the main job's. The sampled curvature is an estimate over typical
-    # directions, not a bound: at head dimension 8 titans diverges here after ~2,000 tokens
-    # (lr_normalization="curvature" is the guaranteed, weaker-writing alternative).
+    # directions, not a bound: at head dimension 8 titans without its branch norm
+    # (memory_layer_norm=False) diverges here after ~2,000 tokens.
     layer = getattr(presets, name)(32, 2, key=jax.random.key(0))
     if not isinstance(layer, ae.MemoryLayer):
         layer = layer.memory
