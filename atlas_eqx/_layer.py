@@ -164,7 +164,8 @@ class MemoryLayerConfig:
       ignores the scale of the last matrix, so $W_0$'s curvature, about 200 at head dimension
       16 (set by the branch's small variance at initialisation), says nothing of the steps that
       follow, and dividing by it stopped `titans` and `omeganet` learning (MQAR validation
-      0.17 and 0.22 against 0.99 and 0.98 undivided, 800 steps, seed 0). `"curvature"`: the worst case over unit inputs,
+      0.17 and 0.22 against 0.99 and 0.98 undivided, 800 steps, seed 0). `"curvature"`: the
+      worst case over unit inputs,
       `AbstractMemory.curvature_bound` (about 12 for the default MLP memory), a guarantee
       against overshooting that makes deep memories write ~4x more weakly. `"mean_curvature"`
       is not offered: the mean (about 2) let `titans` diverge at the extremes at head
@@ -325,7 +326,8 @@ class MemoryLayerConfig:
         ):
             raise ValueError(
                 "MemoryLayerConfig: lr_normalization='curvature' needs a curvature bound, and a "
-                "memory with `memory_layer_norm=True` has none; use 'sampled_curvature'"
+                "memory with `memory_layer_norm=True` has none; use 'sampled_curvature' or 'none' "
+                "(both leave its step undivided)"
             )
         _check_choice("gamma_mode", self.gamma_mode, _GAMMA_MODES)
         _check_int("conv_size", self.conv_size, 0)

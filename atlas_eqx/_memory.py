@@ -169,12 +169,13 @@ class MLPMemory(AbstractMemory):
         tanh) and $\|\delta_l\| \le \prod_{j>l}\lambda s_j\|r\|$; the residual adds
         nothing. Spectral norms by power iteration, outside the outer gradient. With
         `layer_norm` there is no bound (the norm's Jacobian grows as its input shrinks): this
-        raises, and `lr_normalization="sampled_curvature"` is the one to use.
+        raises, and `MemoryLayer` leaves such a memory's step undivided.
         """
         if self.layer_norm:
             raise ValueError(
                 "MLPMemory.curvature_bound: a memory with `layer_norm=True` has no curvature "
-                "bound; use lr_normalization='sampled_curvature'"
+                "bound; use lr_normalization='sampled_curvature' or 'none' (both leave its step "
+                "undivided)"
             )
         s2 = [_spectral_norm_squared(w) for w in self.weights]
         slope2 = _activation_slope(self.activation) ** 2
@@ -247,7 +248,8 @@ class GatedMLPMemory(AbstractMemory):
         if self.layer_norm:
             raise ValueError(
                 "GatedMLPMemory.curvature_bound: a memory with `layer_norm=True` has no "
-                "curvature bound; use lr_normalization='sampled_curvature'"
+                "curvature bound; use lr_normalization='sampled_curvature' or 'none' (both leave "
+                "its step undivided)"
             )
         s1, s2, s3 = (_spectral_norm_squared(w) for w in (self.W1, self.W2, self.W3))
         slope2 = _activation_slope(self.activation) ** 2
