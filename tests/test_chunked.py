@@ -352,7 +352,9 @@ def test_layer_norm_memory_fast_paths_equal_sequential(opt, objective, residual)
     memory = ae.MLPMemory(
         d, d, key=jax.random.PRNGKey(3), hidden=6, layer_norm=True, residual=residual
     )
-    kw = dict(objective=OBJECTIVES[objective], optimizer=OPTIMIZERS[opt], window=2, chunk_size=3)
+    kw: dict[str, Any] = dict(
+        objective=OBJECTIVES[objective], optimizer=OPTIMIZERS[opt], window=2, chunk_size=3
+    )
 
     def loss(method, k, v, **extra):
         if method == "direct":

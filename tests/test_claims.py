@@ -31,7 +31,7 @@ PAIRED = Claim(
     arms=(Arm("a", "omeganet"), Arm("a, c = 1", "omeganet", (("window", 1),))),
     expected=(("a, c = 1", "worse"),),
 )
-WIDTHS = {"a": None, "b": None, "a, c = 1": None}
+WIDTHS: dict[str, int | None] = {"a": None, "b": None, "a, c = 1": None}
 
 
 def _finish(runs, planned, validation, test):
