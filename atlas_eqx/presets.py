@@ -61,8 +61,10 @@ step-size rules above hold only at $W_0$: in the claims study (`experiments/resu
 exact polynomial map at every rate on MQAR with 8 heads, each time because one head's fast
 weights outgrew the step (`atlas_eqx.diagnose_scan`: growth x10^5 to x10^17 within 128
 tokens). With the norm a read does not change with the scale of the last matrix, so the
-gradient is orthogonal to it and shrinks as the weights grow. `memory_layer_norm=False` gives
-Eq 42 as printed.
+gradient is orthogonal to it and shrinks as the weights grow. Their $\eta_t$ is therefore not
+divided by $W_0$'s curvature (the curvature rule above applies to un-normed deep memories; with
+the norm it stopped `titans` and `omeganet` learning). `memory_layer_norm=False` gives Eq 42 as
+printed.
 """
 
 import dataclasses
