@@ -165,11 +165,10 @@ class MemoryLayerConfig:
       16 (set by the branch's small variance at initialisation), says nothing of the steps that
       follow, and dividing by it stopped `titans` and `omeganet` learning (MQAR validation
       0.17 and 0.22 against 0.99 and 0.98 undivided, 800 steps, seed 0). `"curvature"`: the
-      worst case over unit inputs,
-      `AbstractMemory.curvature_bound` (about 12 for the default MLP memory), a guarantee
-      against overshooting that makes deep memories write ~4x more weakly. `"mean_curvature"`
-      is not offered: the mean (about 2) let `titans` diverge at the extremes at head
-      dimension 16. `"none"`: $\eta_t$ as it is. Measurements: the README's step-size section.
+      worst case over unit inputs, `AbstractMemory.curvature_bound` (about 12 for the default
+      MLP memory), a guarantee against overshooting that makes deep memories write ~4x more
+      weakly. `"mean_curvature"` is not offered: the mean (about 2) let `titans` diverge at the
+      extremes at head dimension 16. `"none"`: $\eta_t$ as it is. Measurements: the README's step-size section.
     - `lr_momentum_scaling`: with `optimizer="momentum"`, the step is $\eta_t(1-\theta_t)$: the
       buffer sums about $1/(1-\theta)$ past gradients, so this keeps the step of a repeated
       direction at most $\eta_t$ for every $\theta_t$, including gates near 1.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import atlas_eqx as ae
 
 from ._flops import count_flops, PARTS
-from ._scan import _time_interleaved
+from ._scan import _time_interleaved, timed_gemm
 
 
 _PART_TITLES = {
@@ -96,9 +96,7 @@ def measure_size(
     if not timed:
         return result
     n = config.gemm_size
-    a = jax.random.normal(jax.random.fold_in(key, 3), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.fold_in(key, 4), (n, n), jnp.float32)
-    timed_functions["gemm"] = (jax.jit(jnp.matmul), (a, b))
+    timed_functions["gemm"] = timed_gemm(n, jax.random.fold_in(key, 3))
     seconds = _time_interleaved(
         timed_functions, config.repeats, config.min_repeats, config.round_budget_s
     )

@@ -303,7 +303,9 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
                         floor_inputs(memory, config.window, b, *args_tail),
                     )
                 seconds = {}
-                gemm = _gemm(config.gemm_size) if "reference" in methods else {}
+                gemm = {}
+                if "reference" in methods:
+                    gemm[("gemm", 1)] = timed_gemm(config.gemm_size, jax.random.fold_in(key, 3))
                 for part in (0, 1):  # the forwards interleaved, then the forward+backwards
                     timed = {(m, part): (compiled[m][part], args_of[m]) for m in methods}
                     seconds |= _time_interleaved(
@@ -346,9 +348,11 @@ def run_scan_benchmark(config: ScanBenchConfig = ScanBenchConfig()) -> list[dict
     return rows
 
 
-def _gemm(n: int) -> dict[Any, tuple[Callable, tuple]]:
-    a = jnp.ones((n, n), jnp.float32)
-    return {("gemm", 1): (jax.jit(jnp.matmul), (a, a))}
+def timed_gemm(n: int, key) -> tuple[Callable, tuple]:
+    """A float32 `n`^3 matmul and its arguments, timed beside a benchmark's rows as the machine's
+    GEMM peak ($2n^3$ FLOPs a call): `atlas-eqx bench scan` and `atlas-eqx bench flops`."""
+    a, b = (jax.random.normal(k, (n, n), jnp.float32) for k in jax.random.split(key))
+    return jax.jit(jnp.matmul), (a, b)
 
 
 def _gemm_line(rows, compiled, args_of, seconds, config: ScanBenchConfig) -> str:
