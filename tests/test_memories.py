@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
+from jaxtyping import TypeCheckError
 
 import atlas_eqx as ae
 
@@ -171,6 +172,8 @@ def test_layer_norm_memory_has_no_curvature_bound():
         ae.MemoryLayerConfig(
             d_model=8, n_heads=2, memory_layer_norm=True, lr_normalization="curvature"
         )
+    with pytest.raises(TypeCheckError, match="parameter 'memory_layer_norm'"):
+        ae.MemoryLayerConfig(d_model=8, n_heads=2, memory_layer_norm="yes")  # pyright: ignore
 
 
 @pytest.mark.parametrize("residual", [True, False, "auto"])
