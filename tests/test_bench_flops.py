@@ -39,6 +39,22 @@ def test_scan_counts_its_body_length_times_as_xla_does_once_unrolled():
     assert _xla_flops(make(False), x, w) < ours / 5  # XLA counts the rolled body once
 
 
+def test_matrix_flops_are_the_products_alone_as_torch_counts_them():
+    """`matrix_flops` leaves out the element-wise work, so it equals torch's `FlopCounterMode` on
+    the same program (the comparison `bench peers` draws with titans-pytorch)."""
+    f = lambda x, w: jnp.tanh(x @ w) @ w.T + 1.0
+    x, w = jnp.ones((8, 16, 32)), jnp.ones((32, 48))
+    count = count_flops(f, x, w)
+    products = 2 * 2 * 8 * 16 * 32 * 48
+    assert count.matrix_flops == products
+    assert count.total == products + 8 * 16 * 32  # the + 1.0; tanh is a transcendental
+    torch = pytest.importorskip("torch")
+    from experiments.bench._peers_measure import torch_flops
+
+    xt, wt = torch.ones(8, 16, 32), torch.ones(32, 48)
+    assert torch_flops(lambda: torch.tanh(xt @ wt) @ wt.T + 1.0) == count.matrix_flops
+
+
 def test_while_loop_is_an_error():
     f = lambda x: jax.lax.while_loop(lambda c: c[0] < 3.0, lambda c: c + 1.0, x)
     with pytest.raises(ValueError, match="while_loop"):

@@ -134,6 +134,24 @@ def test_targets_and_ratios_are_computed_from_the_rows():
     assert math.isclose(float(report._ratio(3.0, 2.0)), 1.5)
 
 
+def test_flop_table_ratios_rates_and_ceiling_come_from_the_rows():
+    flops = lambda total, matrix: dict(
+        forward_flops_per_token=total / 4,
+        backward_flops_per_token=total,
+        forward_matrix_flops_per_token=matrix / 4,
+        backward_matrix_flops_per_token=matrix,
+        gemm_flops_per_s=1e9,
+    )
+    ours = _layer_row("A", "ours titans", 300.0, 250.0) | flops(5e5, 4e5)
+    peer = _layer_row("A", "titans-pytorch", 100.0, 100.0) | flops(2e5, 2e5)
+    peer["forward_flops_per_token"] = peer["backward_flops_per_token"] = None  # torch: products
+    table = report.format_flop_table([ours, peer])
+    # 4e5 FLOPs x 250 tok/s = 0.1 GFLOP/s, 10% of the GEMM; at 1e9 FLOP/s ours would run
+    # 2500 tok/s, 25x the peer's 100.
+    assert "| A | ours titans | 125 (100) | 500 (400) | 2.00 | 0.1 | 10% | 25.00 |" in table
+    assert "| A | titans-pytorch | n/a (50) | n/a (200) |  | 0.0 | 2% | n/a |" in table
+
+
 @pytest.mark.slow
 def test_one_measurement_subprocess_per_framework_reports_its_numbers():
     """The subprocess plumbing: a JAX layer, a titans-pytorch layer and an LM step at tiny
@@ -152,6 +170,12 @@ def test_one_measurement_subprocess_per_framework_reports_its_numbers():
         assert result["peak_rss_mib"] >= result["rss_imports_mib"] > 0
         if spec["kind"] == "layer":
             assert result["forward_s"] > 0
+            forward, backward = (
+                result[f"{p}_matrix_flops_per_token"] for p in ("forward", "backward")
+            )
+            assert 0 < forward < backward
+    gemm = sub.run_child(runs._gemm_spec(config), threads=2, timeout_s=600)
+    assert gemm["gemm_flops_per_s"] > 1e8
 
 
 def test_the_median_round_is_kept_with_the_range():

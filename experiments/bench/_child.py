@@ -4,7 +4,12 @@ import json
 import os
 import sys
 
-from ._peers_measure import _measure_jax_layer, _measure_lm_step, _measure_torch_layer
+from ._peers_measure import (
+    _measure_jax_layer,
+    _measure_lm_step,
+    _measure_torch_layer,
+    measure_gemm,
+)
 from ._subprocess import _peak_rss_mib
 
 
@@ -17,6 +22,8 @@ def _child_main() -> None:
         from ._stream_scan import measure_stream
 
         result = measure_stream(spec)
+    elif spec["kind"] == "gemm":
+        result = measure_gemm(spec)
     elif spec["framework"] == "torch":
         result = _measure_torch_layer(spec, spec["threads"])
     elif spec["kind"] == "lm":

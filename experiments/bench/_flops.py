@@ -206,10 +206,15 @@ def _conv_flops(eqn: Any) -> int:
 
 
 class FlopCount:
-    """FLOPs and transcendentals per part (`PARTS`), and the primitives no rule knew."""
+    """FLOPs and transcendentals per part (`PARTS`), and the primitives no rule knew.
+
+    `matrix_flops` is the share of `total` in matrix products (dot_general, convolutions,
+    triangular solves): what `torch.utils.flop_counter` counts, for a like-for-like comparison
+    with a torch implementation."""
 
     def __init__(self) -> None:
         self.flops: Counter[str] = Counter({part: 0 for part in PARTS})
+        self.matrix_flops = 0
         self.transcendentals = 0
         self.unknown: set[str] = set()
 
@@ -236,6 +241,7 @@ class FlopCount:
                     costs.append(count)
                 costliest = max(costs, key=lambda c: c.total)
                 self.flops.update(costliest.flops)
+                self.matrix_flops += costliest.matrix_flops
                 self.transcendentals += costliest.transcendentals
                 self.unknown |= costliest.unknown
             elif subs:
@@ -246,13 +252,14 @@ class FlopCount:
 
     def _charge(self, eqn: Any, name: str, multiplier: int, part: str) -> None:
         out = sum(_size(v.aval) for v in eqn.outvars)
-        if name == "dot_general":
-            flops = _dot_flops(eqn)
-        elif name == "conv_general_dilated":
-            flops = _conv_flops(eqn)
-        elif name == "triangular_solve":
-            m = eqn.invars[0].aval.shape[-1]
-            flops = m * _size(eqn.invars[1].aval)
+        if name in ("dot_general", "conv_general_dilated", "triangular_solve"):
+            if name == "dot_general":
+                flops = _dot_flops(eqn)
+            elif name == "conv_general_dilated":
+                flops = _conv_flops(eqn)
+            else:
+                flops = eqn.invars[0].aval.shape[-1] * _size(eqn.invars[1].aval)
+            self.matrix_flops += multiplier * flops
         elif name in _ELEMENTWISE:
             flops = out
         elif name in _TRANSCENDENTAL:

@@ -50,6 +50,7 @@ from ._peers_report import (
     _machine_line,
     _versions,
     DIFFERENCES,
+    format_flop_table,
     format_forward_ratios,
     format_layer_table,
     format_lm_table,
@@ -112,6 +113,15 @@ def run_peers_benchmark(
             format_layer_table(rows) if rows else "(not run)",
             "Forward ratios:",
             format_forward_ratios(rows) if rows else "(not run)",
+            "FLOPs per token, counted on each program without running it: ours on the jaxpr "
+            "(`experiments.bench._flops.count_flops`, every loop at its trip count), "
+            "titans-pytorch by `torch.utils.flop_counter.FlopCounterMode` on one call. torch "
+            "counts only matrix products, so the ratio and the rates use the matrix-product "
+            "FLOPs of both (ours in brackets; the first figure also counts element-wise work). "
+            f"The GEMM is a float32 {config.gemm_size}^3 matmul timed in its own subprocess at "
+            "the start of each round. The last column is the ceiling that FLOP count sets: "
+            "titans-pytorch's measured tokens/s against ours had ours reached the GEMM's rate.",
+            format_flop_table(rows) if rows else "(not run)",
             DIFFERENCES,
             "### Where our layers' time goes",
             "The memory scan alone (`run_memory` on precomputed q, k, v and gates; its "

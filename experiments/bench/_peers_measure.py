@@ -35,6 +35,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
 
     import atlas_eqx as ae
 
+    from ._flops import count_flops
     from ._scan import _peak_bytes
 
     rss_imports = _rss_mib()
@@ -61,7 +62,13 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
     first_b, fwdbwd, n_b = _time_calls(run_b, spec["repeats"], spec["budget_s"])
     finite = bool(jnp.all(jnp.isfinite(forward(layer, x))))
     xla = _peak_bytes(backward, (layer, x))
+    forward_count, backward_count = (count_flops(f, layer, x) for f in (forward, backward))
+    tokens = spec["batch"] * spec["T"]
     return dict(
+        forward_flops_per_token=forward_count.total / tokens,
+        backward_flops_per_token=backward_count.total / tokens,
+        forward_matrix_flops_per_token=forward_count.matrix_flops / tokens,
+        backward_matrix_flops_per_token=backward_count.matrix_flops / tokens,
         rss_imports_mib=rss_imports,
         first_forward_s=first_f,
         forward_s=fwd,
@@ -101,7 +108,13 @@ def _measure_torch_layer(spec: dict[str, Any], threads: int) -> dict[str, Any]:
 
     first_f, fwd, n_f = _time_calls(run_f, spec["repeats"], spec["budget_s"])
     first_b, fwdbwd, n_b = _time_calls(run_b, spec["repeats"], spec["budget_s"])
+    tokens = spec["batch"] * spec["T"]
     return dict(
+        # Counted with the forward's autograd on: the peer's forward runs the same operations
+        # (its per-token surprise gradients are part of the forward) and the counter's module
+        # hooks fail under `torch.no_grad()`.
+        forward_matrix_flops_per_token=torch_flops(lambda: memory(x)) / tokens,
+        backward_matrix_flops_per_token=torch_flops(run_b) / tokens,
         rss_imports_mib=rss_imports,
         first_forward_s=first_f,
         forward_s=fwd,
@@ -111,6 +124,30 @@ def _measure_torch_layer(spec: dict[str, Any], threads: int) -> dict[str, Any]:
         xla_backward_mib=None,
         finite=bool(torch.isfinite(run_f()).all()),
     )
+
+
+def torch_flops(call: Callable[[], Any]) -> int:
+    """The FLOPs of one `call()` in torch, by `torch.utils.flop_counter.FlopCounterMode`: matrix
+    products (mm, bmm, addmm, convolutions, attention) at 2 per multiply-add, the convention of
+    `experiments.bench._flops` on the JAX side; torch counts no element-wise work, so a torch
+    count is a lower bound beside a JAX one (which counts 1 per element-wise output)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def measure_gemm(spec: dict[str, Any]) -> dict[str, Any]:
+    """The machine's float32 GEMM rate in this round: `timed_gemm` (a `gemm_size`^3 matmul,
+    $2n^3$ FLOPs), median of `repeats` calls after a warm-up."""
+    import jax
+
+    from ._scan import timed_gemm
+
+    matmul, args = timed_gemm(spec["gemm_size"], jax.random.key(spec["seed"]))
+    _, seconds, _ = _time_calls(lambda: jax.block_until_ready(matmul(*args)), spec["repeats"])
+    return dict(gemm_flops_per_s=2 * spec["gemm_size"] ** 3 / seconds)
 
 
 def _measure_lm_step(spec: dict[str, Any]) -> dict[str, Any]:

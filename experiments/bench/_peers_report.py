@@ -152,6 +152,42 @@ def format_layer_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_flop_table(rows: Sequence[dict[str, Any]]) -> str:
+    """FLOPs per token of every row, the rate each reached against the GEMM timed in its round,
+    and for our rows the forward+backward ratio to titans-pytorch that running at the GEMM's
+    rate would give (the ceiling of the ratio at that FLOP count)."""
+    lines = [
+        "| configuration | implementation | fwd kFLOP/token (matrix products) | f+b kFLOP/token "
+        "(matrix products) | f+b matrix FLOPs ours/titans-pytorch | f+b matrix GFLOP/s | of "
+        "the GEMM | f+b ours/titans-pytorch if ours ran at the GEMM's rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    kilo = lambda total, matrix: f"{_fmt(total and total / 1e3)} ({_fmt(matrix and matrix / 1e3)})"
+    for config, impls in _rows_by_config(rows).items():
+        peer = impls.get("titans-pytorch", {})
+        peer_flops = peer.get("backward_matrix_flops_per_token")
+        for name, r in impls.items():
+            flops = r.get("backward_matrix_flops_per_token")
+            if "error" in r or flops is None:
+                continue
+            ours = name.startswith("ours")
+            rate = flops * r["backward_tok_s"]
+            gemm = r.get("gemm_flops_per_s")
+            ceiling = (
+                gemm / flops / peer["backward_tok_s"]
+                if ours and gemm and peer.get("backward_tok_s")
+                else None
+            )
+            lines.append(
+                f"| {config} | {name} "
+                f"| {kilo(r.get('forward_flops_per_token'), r['forward_matrix_flops_per_token'])} "
+                f"| {kilo(r.get('backward_flops_per_token'), flops)} "
+                f"| {_ratio(flops, peer_flops) if ours else ''} | {rate / 1e9:.1f} "
+                f"| {_fmt(gemm and rate / gemm * 100, '.0f')}% | {_fmt(ceiling, '.2f')} |"
+            )
+    return "\n".join(lines)
+
+
 def format_forward_ratios(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| configuration | implementation | fwd ours/titans-pytorch | fwd ours/titans-pytorch "

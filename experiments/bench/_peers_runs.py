@@ -86,6 +86,7 @@ class PeersBenchConfig:
     lm_vocab: int = 256
     lm_repeats: int = 3
     budget_s: float = 30.0  # stop repeating a timed call after this many seconds
+    gemm_size: int = 1024  # the float32 GEMM timed at the start of each round of item 1
     timeout_s: float = 1200.0
     out_dir: str = "experiments/results/bench_peers"
     seed: int = 0
@@ -118,6 +119,16 @@ def _layer_spec(name: str, layer: LayerConfig, config: PeersBenchConfig) -> dict
         seed=config.seed,
     )
     return spec
+
+
+def _gemm_spec(config: PeersBenchConfig) -> dict[str, Any]:
+    return dict(
+        kind="gemm",
+        framework="jax",
+        gemm_size=config.gemm_size,
+        repeats=config.repeats,
+        seed=config.seed,
+    )
 
 
 def _lm_spec(name: str, T: int, config: PeersBenchConfig) -> dict[str, Any]:
@@ -161,6 +172,7 @@ def run_layer_benchmark(
         )
     measured: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for round_index in range(config.rounds):
+        gemm = run_child(_gemm_spec(config), config.threads, config.timeout_s)
         for layer in config.layer_configs:
             for name in names:
                 spec = _layer_spec(name, layer, config)
@@ -173,6 +185,7 @@ def run_layer_benchmark(
                     implementation=name,
                     forward_tok_s=_tokens_per_s(result, "forward_s", tokens),
                     backward_tok_s=_tokens_per_s(result, "backward_s", tokens),
+                    gemm_flops_per_s=gemm.get("gemm_flops_per_s"),
                     **result,
                 )
                 measured.setdefault((layer.label, name), []).append(row)
