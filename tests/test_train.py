@@ -201,6 +201,8 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error():
     with pytest.raises(TrainingDiverged, match="loss is nan at step 1") as raised:
         train(poisoned, zero_first, steps=2, progress=False)
     assert raised.value.step == 1
+    record = TrainingDiverged("x", 7, [dict(step=4.0, accuracy=0.5)]).record("accuracy", 2.0)
+    assert record == dict(diverged_at=7, validation=0.0, test=0.0, curve=[(4, 0.5)], seconds=2.0)
 
     def bad_batch(step: int):
         inputs, targets = _batch_fn(step)

@@ -86,13 +86,7 @@ def run_one(
             resume=False,
         )
     except TrainingDiverged as diverged:
-        return record | dict(
-            diverged_at=diverged.step,
-            validation=0.0,
-            test=0.0,
-            curve=[(int(e["step"]), e["score"]) for e in diverged.evaluations],
-            seconds=time.perf_counter() - start,
-        )
+        return record | diverged.record("score", time.perf_counter() - start)
     by_length = {n: measured(outcome.model, b)["score"] for n, b in tests.items()}
     return record | dict(
         diverged_at=None,

@@ -99,13 +99,7 @@ def run_one(preset: str, lr: float, seed: int, steps: int, num_validation: int) 
             resume=False,
         )
     except TrainingDiverged as diverged:
-        return record | dict(
-            diverged_at=diverged.step,
-            validation=0.0,
-            test=0.0,
-            curve=[(int(e["step"]), e["accuracy"]) for e in diverged.evaluations],
-            seconds=time.perf_counter() - start,
-        )
+        return record | diverged.record("accuracy", time.perf_counter() - start)
     return record | dict(
         diverged_at=None,
         validation=outcome.evaluations[-1]["accuracy"],

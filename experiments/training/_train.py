@@ -304,6 +304,18 @@ class TrainingDiverged(FloatingPointError):
         self.step = step
         self.evaluations = evaluations
 
+    def record(self, metric: str, seconds: float) -> dict[str, Any]:
+        """What a results file keeps of the run: the step it diverged at, its validation curve
+        (`metric` at each evaluation) up to there, and validation and test scores of 0.0,
+        placeholders that the studies never read as a result (`diverged_at` rules them out)."""
+        return dict(
+            diverged_at=self.step,
+            validation=0.0,
+            test=0.0,
+            curve=[(int(e["step"]), e[metric]) for e in self.evaluations],
+            seconds=seconds,
+        )
+
 
 @dataclasses.dataclass
 class TrainResult:
