@@ -851,14 +851,24 @@ class MemoryLayer(AbstractMixer):
         c = self.config
         H, dh = c.n_heads, c.d_head
         T = x.shape[0]
-        qkv = jnp.concatenate(
-            [x @ w.T.astype(x.dtype) for w in (self.q_proj, self.k_proj, self.v_proj)], axis=-1
-        )
-        if self.conv_weight is not None:
-            qkv, conv_history = causal_depthwise_conv(qkv, self.conv_weight, conv_history)
-        if c.silu:
-            qkv = jax.nn.silu(qkv)
-        q, k, v = (a.reshape(T, H, dh).transpose(1, 0, 2) for a in jnp.split(qkv, 3, axis=-1))
+        # q, k and v each go through their own channels of the depthwise convolution; working
+        # on them apart (rather than on one concatenated [q k v]) spares the backward the
+        # large transposed copies that splitting the concatenation costs (12% of the titans
+        # layer's forward+backward at d_model 128, T 2048).
+        inner = H * dh
+        channels = [slice(i * inner, (i + 1) * inner) for i in range(3)]
+        projected, histories = [], []
+        for w, part in zip((self.q_proj, self.k_proj, self.v_proj), channels, strict=True):
+            a = x @ w.T.astype(x.dtype)
+            if self.conv_weight is not None:
+                a, history = causal_depthwise_conv(a, self.conv_weight[part], conv_history[:, part])
+                histories.append(history)
+            if c.silu:
+                a = jax.nn.silu(a)
+            projected.append(a.reshape(T, H, dh).transpose(1, 0, 2))
+        if histories:
+            conv_history = jnp.concatenate(histories, axis=-1)
+        q, k, v = projected
         if c.qk_l2_norm:
             q, k = _l2_normalise(q, c.norm_eps), _l2_normalise(k, c.norm_eps)
 
