@@ -4,12 +4,16 @@ message when the peers are missing, and the logic of the report. Speed is never 
 import importlib.util
 import math
 import sys
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments.bench import (
     _cross_check as cross_check,
+    _op_profile as op_profile,
     _peer_packages as packages,
     _peers_measure as measure,
     _peers_report as report,
@@ -96,7 +100,7 @@ def test_time_calls_stops_at_the_budget():
     assert (len(calls), n) == (2, 1)
 
 
-def _layer_row(config, name, fwd, bwd):
+def _layer_row(config, name, fwd, bwd) -> dict[str, Any]:
     return dict(
         config=config,
         implementation=name,
@@ -150,6 +154,9 @@ def test_flop_table_ratios_rates_and_ceiling_come_from_the_rows():
     # 2500 tok/s, 25x the peer's 100.
     assert "| A | ours titans | 125 (100) | 500 (400) | 2.00 | 0.1 | 10% | 25.00 |" in table
     assert "| A | titans-pytorch | n/a (50) | n/a (200) |  | 0.0 | 2% | n/a |" in table
+    ours["backward_time_by_kind"] = dict(zip(op_profile.KINDS, (0.5, 0.25, 0.0, 0.25), strict=True))
+    kinds = report.format_time_by_kind([ours, peer])
+    assert "| A | ours titans | 50% | 25% | 0% | 25% |" in kinds and "titans-pytorch" not in kinds
 
 
 @pytest.mark.slow
@@ -174,6 +181,8 @@ def test_one_measurement_subprocess_per_framework_reports_its_numbers():
                 result[f"{p}_matrix_flops_per_token"] for p in ("forward", "backward")
             )
             assert 0 < forward < backward
+            if spec.get("time_by_kind"):
+                assert math.isclose(sum(result["backward_time_by_kind"].values()), 1.0)
     gemm = sub.run_child(runs._gemm_spec(config), threads=2, timeout_s=600)
     assert gemm["gemm_flops_per_s"] > 1e8
 
@@ -188,3 +197,51 @@ def test_the_median_round_is_kept_with_the_range():
     assert "1-3 (3 rounds)" in report.format_layer_table([row])
     with pytest.raises(ValueError, match="unknown implementation"):
         runs.run_layer_benchmark(runs.PeersBenchConfig(implementations=("nope",)))
+
+
+def test_exclusive_times_leave_out_the_events_each_event_encloses_on_its_thread():
+    event = lambda name, ts, dur, tid=1: dict(ph="X", name=name, ts=ts, dur=dur, pid=1, tid=tid)
+    events = [
+        event("while.1", 0, 100),
+        event("dot.2", 10, 30),
+        event("add_fusion", 50, 20),
+        event("copy.3", 5, 40, tid=2),  # another thread: not inside the loop
+        dict(ph="i", name="marker", ts=0, pid=1, tid=1),  # not a complete event
+    ]
+    assert op_profile.exclusive_times(events) == {
+        "while.1": 50,
+        "dot.2": 30,
+        "add_fusion": 20,
+        "copy.3": 40,
+    }
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("ynn_fusion.49", "matrix products"),
+        ("dot_general.273", "matrix products"),
+        ("dot.68", "matrix products"),
+        ("copy_bitcast_fusion.5", "data movement"),
+        ("dynamic-slice_bitcast_fusion.2", "data movement"),
+        ("wrapped_broadcast.10", "data movement"),
+        ("fusion.3", "element-wise and reductions"),
+        ("multiply_add_fusion.6", "element-wise and reductions"),
+        ("while.143", "loops and calls"),
+        ("ThunkExecutor::Execute", None),
+        ("$_jit.py:206 __call__", None),
+    ],
+)
+def test_operation_kinds_follow_xla_cpu_names(name, kind):
+    assert op_profile.operation_kind(name) == kind
+
+
+def test_a_matmul_program_spends_its_time_in_matrix_products():
+    a = jnp.ones((512, 512))
+    matmul = jax.jit(lambda a: jnp.tanh(a @ a))
+    run = lambda: jax.block_until_ready(matmul(a))
+    run()
+    shares = op_profile.time_by_kind(run)
+    assert set(shares) == set(op_profile.KINDS)
+    assert math.isclose(sum(shares.values()), 1.0)
+    assert shares["matrix products"] > 0.5

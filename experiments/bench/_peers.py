@@ -56,6 +56,7 @@ from ._peers_report import (
     format_lm_table,
     format_profile_table,
     format_targets,
+    format_time_by_kind,
     plot_results,
 )
 from ._peers_runs import PeersBenchConfig, run_layer_benchmark, run_lm_benchmark
@@ -130,6 +131,10 @@ def run_peers_benchmark(
             "full layer's median time in the table above (separate subprocesses, so shares "
             "carry the run-to-run noise of a shared machine).",
             format_profile_table(rows, profile) if profile else "(not run)",
+            "The forward+backward's operation time by kind of XLA operation (exclusive "
+            "times from one `jax.profiler` trace of three calls after the timed ones; kinds "
+            "as defined in `experiments/bench/_op_profile.py`):",
+            format_time_by_kind(rows) if rows else "(not run)",
             "## 2. Numerical cross-check where the definitions coincide",
             "titans-pytorch reduced to `chunk_size=1` (one head, no RMSNorms, no "
             "`ResidualNorm`; its `batch_size` = our `chunk_size`), float64, against our "

@@ -36,6 +36,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
     import atlas_eqx as ae
 
     from ._flops import count_flops
+    from ._op_profile import time_by_kind
     from ._scan import _peak_bytes
 
     rss_imports = _rss_mib()
@@ -63,6 +64,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
     finite = bool(jnp.all(jnp.isfinite(forward(layer, x))))
     xla = _peak_bytes(backward, (layer, x))
     forward_count, backward_count = (count_flops(f, layer, x) for f in (forward, backward))
+    kinds = {"backward_time_by_kind": time_by_kind(run_b)} if spec.get("time_by_kind") else {}
     tokens = spec["batch"] * spec["T"]
     return dict(
         forward_flops_per_token=forward_count.total / tokens,
@@ -77,6 +79,7 @@ def _measure_jax_layer(spec: dict[str, Any]) -> dict[str, Any]:
         repeats_used=f"{n_f}/{n_b}",
         xla_backward_mib=None if xla is None else xla / 2**20,
         finite=finite,
+        **kinds,
     )
 
 

@@ -288,6 +288,22 @@ def format_profile_table(rows: Sequence[dict[str, Any]], profile: Sequence[dict[
     return "\n".join(lines)
 
 
+def format_time_by_kind(rows: Sequence[dict[str, Any]]) -> str:
+    """The forward+backward's operation time by kind, for the rows that traced it."""
+    from ._op_profile import KINDS
+
+    lines = [
+        "| configuration | implementation | " + " | ".join(KINDS) + " |",
+        "|---|---|" + "---|" * len(KINDS),
+    ]
+    for r in rows:
+        shares = r.get("backward_time_by_kind")
+        if shares:
+            cells = " | ".join(f"{shares[kind]:.0%}" for kind in KINDS)
+            lines.append(f"| {r['config']} | {r['implementation']} | {cells} |")
+    return "\n".join(lines)
+
+
 def format_lm_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| T | preset | train step tok/s | ours/transformer | first step s | peak RSS MiB | "

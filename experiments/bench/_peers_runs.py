@@ -28,13 +28,18 @@ class LayerConfig:
 # What each row of item 1 runs. "ours-*" are `atlas_eqx.presets` layers (JAX); "peer*" are
 # titans-pytorch `NeuralMemory` (torch) with its defaults (MemoryMLP depth 2, expansion 4,
 # ResidualNorm, momentum, pre-RMSNorm) and `batch_size` None or equal to the chunk.
+# `time_by_kind`: also trace the forward+backward and split its time by kind of XLA operation
+# (`experiments.bench._op_profile`; left out of the rows whose calls take minutes).
 LAYER_IMPLEMENTATIONS: dict[str, dict[str, Any]] = {
-    "ours titans": dict(framework="jax", preset="titans", options={}),
+    "ours titans": dict(framework="jax", preset="titans", options={}, time_by_kind=True),
     "titans-pytorch": dict(framework="torch", batch_size=None),
     "titans-pytorch batch_size=chunk": dict(framework="torch", batch_size="chunk"),
     "ours atlas": dict(framework="jax", preset="atlas", options={"window": 4}),
     "ours atlas muon_per_chunk": dict(
-        framework="jax", preset="atlas", options={"window": 4, "muon_per_chunk": True}
+        framework="jax",
+        preset="atlas",
+        options={"window": 4, "muon_per_chunk": True},
+        time_by_kind=True,
     ),
 }
 # Where the time of our layers goes (run with `profile=True`): the memory scan alone, and
