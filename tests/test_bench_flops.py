@@ -62,17 +62,24 @@ def test_while_loop_is_an_error():
 
 
 @pytest.mark.parametrize(
-    "preset, T, options",
-    [("transformer", 64, {}), ("linear_attention", 1, dict(method="sequential"))],
+    "preset, T, options, tolerance",
+    [
+        ("transformer", 64, {}, 0.1),
+        # One token, so that the sequential scan has no loop. XLA's simplifier then also folds
+        # away element-wise work on the convolution's zero history, which the jaxpr keeps.
+        ("linear_attention", 1, dict(method="sequential"), 0.15),
+    ],
 )
-def test_loop_free_layers_agree_with_xla(preset, T, options):
+def test_loop_free_layers_agree_with_xla(preset, T, options, tolerance):
     layer = getattr(ae.presets, preset)(64, 4, key=jax.random.key(0), **options)
     x = jax.random.normal(jax.random.key(1), (1, T, 64))
     arrays, static = eqx.partition((layer, x), eqx.is_array)
     for function in _layer_functions(layer, x):
         on_arrays = lambda a, f=function: f(eqx.combine(a, static))
-        ours = count_flops(on_arrays, arrays).total
-        assert ours == pytest.approx(_xla_flops(on_arrays, arrays), rel=0.1)
+        ours = count_flops(on_arrays, arrays)
+        xla = _xla_flops(on_arrays, arrays)
+        assert ours.matrix_flops <= xla  # XLA drops element-wise work at most, no product
+        assert ours.total == pytest.approx(xla, rel=tolerance)
 
 
 def _counts(preset, d_model, n_heads, T, **options):
