@@ -906,7 +906,8 @@ class MemoryLayer(AbstractMixer):
     def curvature_normalizer(self) -> Float[Array, " H"]:
         r"""Per head, what $\eta_t$ is divided by (`lr_normalization`), never below 1:
         `sampled_curvature` or `curvature_bound` of the learned initial memory $W_0$ for GD and
-        momentum learners on parametric memories, else 1 (also for a layer-normalised branch,
+        momentum learners on parametric memories, else 1 (also for a memory whose
+        `scale_invariant_output` is true, such as a layer-normalised branch,
         `memory_layer_norm`)."""
         c = self.config
         ones = jnp.ones((c.n_heads,), self.q_proj.dtype)
@@ -914,8 +915,8 @@ class MemoryLayer(AbstractMixer):
             return ones
         if isinstance(self.memory, LinearMemory):
             return ones  # both curvatures are exactly ||x||^2 = 1
-        if getattr(self.memory, "layer_norm", False):
-            return ones  # W_0's curvature says nothing of later steps (scale-invariant branch)
+        if self.memory.scale_invariant_output:
+            return ones  # W_0's curvature says nothing of later steps
         if c.lr_normalization == "sampled_curvature":
             curvature = eqx.filter_vmap(sampled_curvature)(self._initial_memory())
         elif type(self.memory).curvature_bound is AbstractMemory.curvature_bound:

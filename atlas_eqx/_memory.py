@@ -33,6 +33,13 @@ class AbstractMemory(eqx.Module):
         """
         return None
 
+    @property
+    def scale_invariant_output(self) -> bool:
+        """Whether the output normalises away the scale of the weights that feed it (a branch
+        under a layer norm, say). The curvature at $W_0$ then says nothing of later steps, so
+        `MemoryLayer` does not divide its inner step by it. False unless a subclass says so."""
+        return False
+
 
 def _normal(key: PRNGKeyArray, shape: tuple[int, int], std: float) -> Float[Array, "m n"]:
     if std == 0.0:
@@ -160,6 +167,10 @@ class MLPMemory(AbstractMemory):
             out = layer_norm(out)
         return x + out if self.residual else out
 
+    @property
+    def scale_invariant_output(self) -> bool:
+        return self.layer_norm
+
     def curvature_bound(self) -> Float[Array, ""]:
         r"""$\kappa = \sum_l \big(\prod_{j<l}s_j^2\big)\big(\prod_{j>l}\lambda^2s_j^2\big)$,
         $s_j = \|W_j\|_2$, $\lambda = \sup|\sigma'|$.
@@ -240,6 +251,10 @@ class GatedMLPMemory(AbstractMemory):
         if self.layer_norm:
             out = layer_norm(out)
         return x + out if self.residual else out
+
+    @property
+    def scale_invariant_output(self) -> bool:
+        return self.layer_norm
 
     def curvature_bound(self) -> Float[Array, ""]:
         r"""$\kappa = s_2^2s_3^2 + \lambda^2s_1^2s_3^2 + s_1^2s_2^2$ at $\|x\| = 1$,

@@ -127,6 +127,19 @@ def test_inner_step_size_rules():
     assert float(ae.sampled_curvature(head)) > 10
     np.testing.assert_allclose(normed.memory_inputs(x).lr, 0.4 * gate, rtol=1e-12)
 
+    # A researcher's memory says so itself (`AbstractMemory.scale_invariant_output`): its
+    # step is not divided either, while the same memory without the flag has its step divided.
+    class Normalised(ae.MLPMemory):
+        @property
+        def scale_invariant_output(self) -> bool:
+            return True
+
+    own = _layer(optimizer="gd", lr_max=0.4, lr_init=0.1, memory=Normalised)
+    np.testing.assert_allclose(own.memory_inputs(x).lr, 0.4 * gate, rtol=1e-12)
+    plain = _layer(optimizer="gd", lr_max=0.4, lr_init=0.1, memory=ae.MLPMemory)
+    assert float(jnp.min(plain.curvature_normalizer())) > 1
+    assert not ae.LinearMemory(4, 4, key=jax.random.key(0)).scale_invariant_output
+
 
 def test_decay_time_scales_spread_geometrically_over_heads():
     config = ae.MemoryLayerConfig(d_model=16, n_heads=4, decay_init=(0.9, 0.999))
