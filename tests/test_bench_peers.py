@@ -154,6 +154,7 @@ def test_flop_table_ratios_rates_and_ceiling_come_from_the_rows():
     # 2500 tok/s, 25x the peer's 100.
     assert "| A | ours titans | 125 (100) | 500 (400) | 2.00 | 0.1 | 10% | 25.00 |" in table
     assert "| A | titans-pytorch | n/a (50) | n/a (200) |  | 0.0 | 2% | n/a |" in table
+    assert "The GEMM ran at 1-1 GFLOP/s" in table
     ours["backward_time_by_kind"] = dict(zip(op_profile.KINDS, (0.5, 0.25, 0.0, 0.25), strict=True))
     kinds = report.format_time_by_kind([ours, peer])
     assert "| A | ours titans | 50% | 25% | 0% | 25% |" in kinds and "titans-pytorch" not in kinds

@@ -8,7 +8,11 @@ and writes its own `stream.md`):
    forward+backward tokens/s and peak memory. titans-pytorch runs twice: with its default
    `batch_size=None` (every surprise gradient of the sequence is taken at the sequence-start
    weights) and with `batch_size=chunk` (gradients at the weights after the previous chunk,
-   the paper's semantics and ours).
+   the paper's semantics and ours). Every row also has its FLOPs per token (ours counted on
+   the jaxpr, `experiments.bench._flops`; titans-pytorch's by torch's `FlopCounterMode`;
+   compared on matrix products, all torch counts) and its rate against a float32 GEMM timed
+   at the start of each round; our titans and per-chunk atlas rows split their
+   forward+backward time by kind of XLA operation (`experiments.bench._op_profile`).
 2. **Numerical cross-check** where the definitions coincide (`cross_check`): titans-pytorch
    reduced to `chunk_size=1` (its gates, reads and batches then work per token) is our
    `omega_scan` with `chunk_size` equal to its `batch_size`, for a linear memory with

@@ -185,6 +185,12 @@ def format_flop_table(rows: Sequence[dict[str, Any]]) -> str:
                 f"| {_ratio(flops, peer_flops) if ours else ''} | {rate / 1e9:.1f} "
                 f"| {_fmt(gemm and rate / gemm * 100, '.0f')}% | {_fmt(ceiling, '.2f')} |"
             )
+    gemms = [r["gemm_flops_per_s"] for r in rows if r.get("gemm_flops_per_s")]
+    if gemms:
+        lines.append(
+            f"\nThe GEMM ran at {min(gemms) / 1e9:.0f}-{max(gemms) / 1e9:.0f} GFLOP/s in the "
+            "rounds kept."
+        )
     return "\n".join(lines)
 
 
