@@ -6,6 +6,8 @@ a closed form, or central finite differences. Shapes come from small fixed sets 
 helpers below compile once per shape; Hypothesis draws seeds and scalars.
 """
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from jaxtyping import ArrayLike, Float
 
 import optimizers
 from optimizers import CUBIC_COEFFICIENTS, JORDAN_COEFFICIENTS, newton_schulz
+from optimizers._newton_schulz import _iterate, _iterate_plain
 
 
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -240,6 +243,46 @@ def test_i9_ns_gradient_matches_central_differences(seed, shape):
     fd = ((plus - minus) / (2 * h)).reshape(shape)
     grad = np.asarray(_ns_grad(G, R))
     np.testing.assert_allclose(grad, fd, rtol=0, atol=1e-6 * max(1.0, np.abs(fd).max()))
+
+
+STEPS = st.sampled_from([0, 1, 5])
+COEFFICIENTS = st.sampled_from([JORDAN_COEFFICIENTS, CUBIC_COEFFICIENTS])
+BATCHED_SHAPES = [(4, 7), (2, 3, 4, 7)]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _derivatives(X, X_dot, Y_bar, steps, coefficients, plain):
+    """Value, tangent, cotangent and a second-order reverse derivative of one NS iteration."""
+    iterate = _iterate_plain if plain else _iterate
+
+    def f(X):
+        return iterate(X, steps, coefficients)
+
+    Y, Y_dot = jax.jvp(f, (X,), (X_dot,))
+    (X_bar,) = jax.vjp(f, X)[1](Y_bar)
+
+    def reverse_along(X):
+        return jnp.sum(jax.vjp(f, X)[1](Y_bar)[0] * X_dot)
+
+    return Y, Y_dot, X_bar, jax.grad(reverse_along)(X)
+
+
+@given(seed=SEEDS, shape=st.sampled_from(BATCHED_SHAPES), steps=STEPS, coefficients=COEFFICIENTS)
+def test_ns_tangent_rule_matches_differentiating_the_plain_iteration(
+    seed, shape, steps, coefficients
+):
+    """`_iterate`'s hand-written tangent rule (forward mode, its transpose in reverse mode, and
+    reverse mode differentiated again) against JAX differentiating the plain steps, float64."""
+    rng = np.random.default_rng(seed)
+    X, X_dot, Y_bar = (rng.standard_normal(shape) for _ in range(3))
+    X = X / np.linalg.norm(X, axis=(-2, -1), keepdims=True)
+    ours = _derivatives(X, X_dot, Y_bar, steps, coefficients, False)
+    plain = _derivatives(X, X_dot, Y_bar, steps, coefficients, True)
+    for name, got, want in zip(
+        ("value", "tangent", "cotangent", "second order"), ours, plain, strict=True
+    ):
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * scale, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------

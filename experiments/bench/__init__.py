@@ -1,6 +1,7 @@
 """Benchmarks (`atlas-eqx bench`): the chunked scan against the sequential oracle, the exact
-chunk-parallel form, our layers against titans-pytorch and fla, streaming inference, and
-FLOPs per token by part with the fraction of a matmul's speed reached.
+chunk-parallel form, our layers against titans-pytorch and fla, streaming inference,
+FLOPs per token by part with the fraction of a matmul's speed reached, and Newton-Schulz on its
+own.
 
 Builds on `experiments.training`; nothing in `experiments` but the CLI imports it.
 """
@@ -10,6 +11,10 @@ from ._flops import count_flops as count_flops, FlopCount as FlopCount
 from ._flops_bench import (
     FlopsBenchConfig as FlopsBenchConfig,
     run_flops_benchmark as run_flops_benchmark,
+)
+from ._newton_schulz_bench import (
+    NewtonSchulzBenchConfig as NewtonSchulzBenchConfig,
+    run_newton_schulz_benchmark as run_newton_schulz_benchmark,
 )
 from ._peer_packages import PeersMissing as PeersMissing
 from ._peers import run_peers_benchmark as run_peers_benchmark

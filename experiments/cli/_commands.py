@@ -208,6 +208,30 @@ def _bench_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_newton_schulz(args: argparse.Namespace) -> int:
+    from ..bench import NewtonSchulzBenchConfig, run_newton_schulz_benchmark
+
+    config = NewtonSchulzBenchConfig(
+        gemm_size=args.gemm_size,
+        out_dir=args.out_dir or "experiments/results/bench-newton-schulz",
+    )
+    if args.repeats is not None:
+        config = dataclasses.replace(config, repeats=args.repeats)
+    if args.shapes is not None:
+        try:
+            shapes = tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes)
+        except ValueError:
+            shapes = ()
+        if not shapes or any(len(shape) != 3 or min(shape) < 1 for shape in shapes):
+            raise SystemExit(
+                "atlas-eqx bench newton-schulz: --shapes takes BATCHxMxN with positive "
+                f"integers, such as 128x16x64; got {args.shapes}"
+            )
+        config = dataclasses.replace(config, shapes=shapes)
+    run_newton_schulz_benchmark(config, command="atlas-eqx " + shlex.join(args.argv))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..bench import run_scan_benchmark, ScanBenchConfig
 
@@ -227,10 +251,12 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.what == "flops":
         return _bench_flops(args)
+    if args.what == "newton-schulz":
+        return _bench_newton_schulz(args)
     if args.what != "scan":
         raise SystemExit(
             f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers, "
-            "exact, flops"
+            "exact, flops, newton-schulz"
         )
     config = ScanBenchConfig(
         lengths=tuple(args.lengths),

@@ -166,10 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments/results/exact-chunked/. bench flops: FLOPs per token of each preset's layer, "
         "forward and forward+backward, split into memory, feature map, Newton-Schulz, attention "
         "and the rest, and the fraction of a float32 matmul's FLOP/s reached, timed in one run; "
-        "writes experiments/results/bench-flops/.",
+        "writes experiments/results/bench-flops/. bench newton-schulz: Muon's Newton-Schulz on "
+        "its own (--shapes), our derivative rule against JAX differentiating the plain steps, "
+        "forward and forward+backward, with the fraction of a float32 matmul's FLOP/s; writes "
+        "experiments/results/bench-newton-schulz/.",
     )
     bench.add_argument(
-        "what", choices=["scan", "peers", "exact", "flops"], help="which benchmark to run"
+        "what",
+        choices=["scan", "peers", "exact", "flops", "newton-schulz"],
+        help="which benchmark to run",
     )
     bench.add_argument(
         "--block-sizes",
@@ -218,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir",
         default=None,
         help="peers: default experiments/results/bench_peers; exact: "
-        "experiments/results/exact-chunked; flops: experiments/results/bench-flops",
+        "experiments/results/exact-chunked; flops: experiments/results/bench-flops; "
+        "newton-schulz: experiments/results/bench-newton-schulz",
     )
     bench.add_argument(
         "--skip",
@@ -272,7 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seq-len", type=int, default=2048, help="flops: T (default 2048)")
     bench.add_argument("--batch", type=int, default=1, help="flops: sequences (default 1)")
     bench.add_argument(
-        "--gemm-size", type=int, default=1024, help="flops: n of the n^3 matmul (default 1024)"
+        "--gemm-size",
+        type=int,
+        default=1024,
+        help="flops, newton-schulz: n of the n^3 matmul (default 1024)",
+    )
+    bench.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        help="newton-schulz: batches of matrices as BATCHxMxN (default 128x16x64 512x16x64 "
+        "128x32x128: atlas at batch 32, d_model 64 and 128, 4 heads)",
     )
     bench.set_defaults(run=_bench)
 
