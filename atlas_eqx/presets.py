@@ -216,7 +216,8 @@ def atlas(
     the chunk's weights move by $W_{s+b} = A_bW_s - (\sum_m L_\alpha[b,m]\eta_m)
     \mathrm{NS}_5(S_{s+b})$, and reads inside a chunk see the decayed chunk-start weights.
     Exact per-token Muon (`muon_per_chunk=False`) trained at 480 tokens/s against 2,300 at the
-    main job's size on 2 CPU cores; at $b = 16$ the per-chunk form reaches 5,300 tokens/s, but
+    main job's size on 2 CPU cores (measured before Newton-Schulz's tangent rule, which made NS's own
+    forward+backward about 2x faster); at $b = 16$ the per-chunk form reaches 5,300 tokens/s, but
     reads inside a chunk then miss up to 15 fresh tokens, and its step $\sum_m\eta_m$ over 16
     tokens makes the recurrence expanding (digest A-13).
     """
