@@ -74,6 +74,23 @@ def test_paired_ablation_takes_the_reference_rate_seeds_and_inner_step():
     assert _claims._preset_layer(PAIRED.arms[1], TINY).config.lr_max != reference_eta
 
 
+def test_page_counts_only_the_runs_the_protocol_reads(tmp_path):
+    """A run left from an earlier choice of rate stays in runs.jsonl but is neither read nor
+    counted in the page's runs and core-hours."""
+    runs: dict = {}
+    for _ in range(2):
+        _finish(runs, plan(PAIRED, runs, WIDTHS), lambda p: 0.9 if p.lr == LRS[0] else 0.1,
+                lambda p: 0.5)  # fmt: skip
+    assert len(runs) == len(LRS) + 2 * len(SEEDS) - 1  # the sweep, 2 more seeds, the ablation
+    ablation = PAIRED.arms[1]
+    options = _claims._options(PAIRED, ablation)
+    stale = _claims.PlannedRun(PAIRED.task, ablation, options, None, LRS[1], SEEDS[0]).key
+    assert stale not in runs
+    runs[stale] = dict(next(iter(runs.values())), key=stale, lr=LRS[1], seconds=7200.0)
+    text, _ = format_page([PAIRED], runs, tmp_path)
+    assert f"{len(runs) - 1} runs so far, 0.0 core-hours of training (1 more in" in text
+
+
 def _summaries(claim, tests_by_arm):
     runs: dict = {}
     for _ in range(2):

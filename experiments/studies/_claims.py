@@ -384,6 +384,25 @@ def sweep_runs(
     return [runs[k] for k in keys if k in runs]
 
 
+def used_runs(
+    claims: Sequence[Claim], runs: dict[str, dict], widths: dict[str, dict[str, int | None]]
+) -> dict[str, dict]:
+    """The finished runs the protocol reads: every swept arm's seed-0 sweep and every arm's
+    seeds at its chosen (or inherited) rate. A run left in `runs.jsonl` from an earlier choice
+    of rate is not among them, and a fresh run of the command would not repeat it."""
+    used: dict[str, dict] = {}
+    for claim in claims:
+        if claim.not_tested is not None:
+            continue
+        claim_width = widths[claim.key]
+        swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
+        for arm in swept:
+            used |= {r["key"]: r for r in sweep_runs(claim, arm, runs, claim_width)}
+        for _, done in final_runs(claim, runs, claim_width).values():
+            used |= {r["key"]: r for r in done}
+    return used
+
+
 def claim_widths(claims: Sequence[Claim] = CLAIMS) -> dict[str, dict[str, int | None]]:
     return {c.key: matched_mlp_hidden(c) for c in claims if c.not_tested is None}
 

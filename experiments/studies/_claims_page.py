@@ -27,6 +27,7 @@ from ._claims import (
     SEEDS,
     spread,
     sweep_runs,
+    used_runs,
 )
 from ._claims_run import load_runs, run_claims
 
@@ -276,13 +277,21 @@ def format_page(
         result, section = claim_section(claim, runs, widths.get(claim.key, {}), out_dir)
         rows.append((claim, result))
         sections += section
-    seconds = sum(r.get("seconds", 0.0) for r in runs.values())
+    used = used_runs(claims, runs, widths)
+    seconds = sum(r.get("seconds", 0.0) for r in used.values())
+    unused = len(runs) - len(used)
     lines = [
         "# The paper's claims, tested",
         "",
         f"Regenerate (resumes from `runs.jsonl`): `{COMMAND}`. Protocol: "
         "`experiments/studies/_claims.py` (running it: `_claims_run.py`); verdict rule: `experiments/studies/_claims_page.py`. "
-        f"{len(runs)} runs so far, {seconds / 3600:.1f} core-hours of training.",
+        f"{len(used)} runs so far, {seconds / 3600:.1f} core-hours of training"
+        + (
+            f" ({unused} more in `runs.jsonl` belong to an earlier choice of rate and are "
+            "neither read nor counted)."
+            if unused
+            else "."
+        ),
         "",
         claims_table(rows, link_prefix=""),
         "",
