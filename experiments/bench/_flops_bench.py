@@ -175,23 +175,44 @@ def run_flops_benchmark(config: FlopsBenchConfig, *, command: str) -> list[dict[
         text = f"{title}\n\n{note}\n\n{format_tables(result)}"
         sections.append(text)
         print(text, flush=True)
-    elapsed = time.perf_counter() - start
     if config.out_dir is not None:
-        os.makedirs(config.out_dir, exist_ok=True)
-        header = (
-            "# FLOPs per token by part, and the achieved fraction of a matmul's speed\n\n"
-            f"```\n{command}\n```\n\n"
-            f"Machine: {_environment()}; {config.repeats} interleaved rounds at most "
-            f"(at least {config.min_repeats}), {elapsed:.0f} s in all. "
-            "Method and what is measured: see the end of this page.\n\n"
+        write_page(
+            config,
+            results,
+            title="FLOPs per token by part, and the achieved fraction of a matmul's speed",
+            command=command,
+            elapsed=time.perf_counter() - start,
+            method="Method and what is measured: see the end of this page.",
+            body="\n".join(sections) + "\n" + _METHOD,
         )
-        path = os.path.join(config.out_dir, "results.md")
-        with open(path, "w") as file:
-            file.write(header + "\n".join(sections) + "\n" + _METHOD)
-        with open(os.path.join(config.out_dir, "results.json"), "w") as file:
-            json.dump(dict(config=asdict(config), results=results), file, indent=1)
-        print(f"wrote {path}")
     return results
+
+
+def write_page(
+    config: Any,
+    results: list[dict[str, Any]],
+    *,
+    title: str,
+    command: str,
+    elapsed: float,
+    method: str,
+    body: str,
+) -> None:
+    """Write a timed benchmark's `results.md` (`title`, `command`, the machine and the rounds
+    of `config`, `method`, then `body`) and `results.json` (`config` and `results`) into
+    `config.out_dir`."""
+    os.makedirs(config.out_dir, exist_ok=True)
+    header = (
+        f"# {title}\n\n```\n{command}\n```\n\n"
+        f"Machine: {_environment()}; {config.repeats} interleaved rounds at most "
+        f"(at least {config.min_repeats}), {elapsed:.0f} s in all. {method}\n\n"
+    )
+    path = os.path.join(config.out_dir, "results.md")
+    with open(path, "w") as file:
+        file.write(header + body)
+    with open(os.path.join(config.out_dir, "results.json"), "w") as file:
+        json.dump(dict(config=asdict(config), results=results), file, indent=1)
+    print(f"wrote {path}")
 
 
 _METHOD = """## Method

@@ -16,10 +16,8 @@ to NS: one per chunk or token, head and sequence), with `steps` NS steps:
   time over ours.
 """
 
-import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -33,7 +31,7 @@ from optimizers._newton_schulz import (
 )
 
 from ._flops import count_flops
-from ._flops_bench import _environment
+from ._flops_bench import write_page
 from ._scan import _time_interleaved, timed_gemm
 
 
@@ -148,20 +146,14 @@ def run_newton_schulz_benchmark(
         )
         sections.append(text)
         print(text, flush=True)
-    elapsed = time.perf_counter() - start
     if config.out_dir is not None:
-        os.makedirs(config.out_dir, exist_ok=True)
-        header = (
-            "# Newton-Schulz on its own: our derivative rule against differentiating the steps\n\n"
-            f"```\n{command}\n```\n\n"
-            f"Machine: {_environment()}; {config.repeats} interleaved rounds at most "
-            f"(at least {config.min_repeats}), {elapsed:.0f} s in all. What is measured: "
-            "`experiments/bench/_newton_schulz_bench.py`.\n\n"
+        write_page(
+            config,
+            results,
+            title="Newton-Schulz on its own: our derivative rule against differentiating the steps",
+            command=command,
+            elapsed=time.perf_counter() - start,
+            method="What is measured: `experiments/bench/_newton_schulz_bench.py`.",
+            body="\n".join(sections),
         )
-        path = os.path.join(config.out_dir, "results.md")
-        with open(path, "w") as file:
-            file.write(header + "\n".join(sections))
-        with open(os.path.join(config.out_dir, "results.json"), "w") as file:
-            json.dump(dict(config=asdict(config), results=results), file, indent=1)
-        print(f"wrote {path}")
     return results
