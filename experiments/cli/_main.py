@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=None,
-        help="timed repeats; the median is kept (default 5 for both; scan times its methods in "
-        "interleaved rounds and stops after 3 once a round group has taken 60 s)",
+        help="timed repeats; the median is kept (default 5, newton-schulz 7; scan times its "
+        "methods in interleaved rounds and stops after 3 once a round group has taken 60 s)",
     )
     bench.add_argument(
         "--dim", type=int, default=64, help="d_k = d_v (default 64, the 340M head dim)"
