@@ -326,6 +326,12 @@ def chosen_lr(runs: dict[str, dict], planned: Sequence[PlannedRun]) -> float | N
     return max(trained, key=lambda p: runs[p.key]["validation"]).lr
 
 
+def swept_arms(claim: Claim) -> tuple[Arm, ...]:
+    """The arms with their own rate sweep: every arm of a ranking, the reference of a paired
+    claim (its ablations inherit the reference's rate)."""
+    return claim.arms if claim.kind == "ranking" else claim.arms[:1]
+
+
 def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> list[PlannedRun]:
     """The runs of `claim` that can run now: each swept arm's seed-0 rates, then (once its
     rate is chosen) its other seeds; a paired ablation at its reference's rate and seeds."""
@@ -334,9 +340,8 @@ def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> 
     def planned(arm: Arm, lr: float, seed: int) -> PlannedRun:
         return PlannedRun(claim.task, arm, _options(claim, arm), widths[arm.name], lr, seed)
 
-    swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
     rates: dict[str, float | None] = {}
-    for arm in swept:
+    for arm in swept_arms(claim):
         sweep = [planned(arm, lr, SEEDS[0]) for lr in LRS]
         todo += [p for p in sweep if p.key not in runs]
         rates[arm.name] = chosen_lr(runs, sweep)
@@ -395,8 +400,7 @@ def used_runs(
         if claim.not_tested is not None:
             continue
         claim_width = widths[claim.key]
-        swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
-        for arm in swept:
+        for arm in swept_arms(claim):
             used |= {r["key"]: r for r in sweep_runs(claim, arm, runs, claim_width)}
         for _, done in final_runs(claim, runs, claim_width).values():
             used |= {r["key"]: r for r in done}

@@ -27,6 +27,7 @@ from ._claims import (
     SEEDS,
     spread,
     sweep_runs,
+    swept_arms,
     used_runs,
 )
 from ._claims_run import load_runs, run_claims
@@ -206,7 +207,7 @@ def claim_section(
                 for n in lengths
             ]
             lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
-    swept = claim.arms if claim.kind == "ranking" else claim.arms[:1]
+    swept = swept_arms(claim)
     lines += ["", f"Rate sweep at seed 0 (validation {claim.task.metric}):", ""]
     lines += ["| arm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |"]
     lines += ["|---|" + "---|" * len(LRS)]
