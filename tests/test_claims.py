@@ -2,6 +2,7 @@
 for and in what order, paired ablations inherit their reference's rate, seeds and eta_max,
 parameter counts are matched, and the verdict follows the twice-the-seed-range rule."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -89,6 +90,29 @@ def test_page_counts_only_the_runs_the_protocol_reads(tmp_path):
     runs[stale] = dict(next(iter(runs.values())), key=stale, lr=LRS[1], seconds=7200.0)
     text, _ = format_page([PAIRED], runs, tmp_path)
     assert f"{len(runs) - 1} runs so far, 0.0 core-hours of training (1 more in" in text
+
+
+def test_longer_runs_start_after_the_rate_is_chosen_and_show_on_the_page(tmp_path):
+    """`Claim.longer`: the arm again at its validation-chosen rate and seed 0 with the steps
+    multiplied, planned only once that rate is known, counted, and tabled on the page."""
+    claim = dataclasses.replace(RANKING, longer=("b", (3,)))
+    widths = _claims.matched_mlp_hidden(claim)  # what the page computes
+    runs: dict = {}
+    first = plan(claim, runs, widths)
+    assert all(p.task.steps == TINY.steps for p in first)
+    _finish(runs, first, lambda p: 0.9 if p.lr == LRS[2] else 0.1, lambda p: 0.5)
+    longer = [p for p in plan(claim, runs, widths) if p.task.steps != TINY.steps]
+    assert [(p.arm.name, p.task.steps, p.lr, p.seed) for p in longer] == [
+        ("b", 3 * TINY.steps, LRS[2], SEEDS[0])
+    ]
+    _finish(runs, plan(claim, runs, widths), lambda p: 0.9, lambda p: 0.5)
+    runs[longer[0].key]["curve"] = [(0, 0.0), (2, 0.1), (4, 0.3), (6, 0.4)]
+    assert plan(claim, runs, widths) == []
+    text, _ = format_page([claim], runs, tmp_path)
+    assert f"{len(runs)} runs so far" in text
+    assert f"Trained longer: b at its chosen rate {LRS[2]:g}, seed 0" in text
+    assert "| 2 | 0.900 | - | 0.500 | 1 |" in text  # the claim's own seed-0 run
+    assert "| 6 | 0.900 | +0.100 | 0.500 | 1 |" in text  # 0.4 at step 6 less 0.3 at step 4
 
 
 def _summaries(claim, tests_by_arm):

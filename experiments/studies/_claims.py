@@ -13,7 +13,9 @@ Protocol (every claim):
 - an ablation that would change the inner step size $\\eta_{\\max}$ as a side effect (the
   presets derive it from $c$, $\\phi$ and the learner) is given its reference's value, and a
   paired ablation also runs at its reference's chosen outer rate with the same seeds;
-- a difference is called real only when it exceeds twice the larger seed range of the two.
+- a difference is called real only when it exceeds twice the larger seed range of the two;
+- where a claim names `longer`, one arm also trains several times as long (seed 0, its chosen
+  rate), to show how far the claim's length is from a flat validation curve.
 
 This module holds the protocol: the claims, their arms and tasks, which runs each needs and in
 what order (`plan`), and which of them a verdict reads (`final_runs`). Runs go to `runs.jsonl`
@@ -115,6 +117,10 @@ class Claim:
     expected: tuple[tuple[str, str], ...] = ()
     not_tested: str | None = None
     """Why this claim is not run here (the page says so instead of a verdict)."""
+    longer: tuple[str, tuple[int, ...]] | None = None
+    """`(arm, factors)`: that arm trained `factor` times as many steps (the same schedule
+    stretched), at its chosen rate and seed 0, once per factor; the page shows how far the
+    claim's own length is from a flat validation curve. These runs rank nothing."""
 
 
 MAIN_TASK = Task()
@@ -196,6 +202,7 @@ CLAIMS: tuple[Claim, ...] = (
             Arm("gated_deltanet", "gated_deltanet"),
             Arm("transformer", "transformer"),
         ),  # fmt: skip
+        longer=("transformer", (4, 8)),
     ),
     Claim(
         key="babilong",
@@ -334,7 +341,8 @@ def swept_arms(claim: Claim) -> tuple[Arm, ...]:
 
 def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> list[PlannedRun]:
     """The runs of `claim` that can run now: each swept arm's seed-0 rates, then (once its
-    rate is chosen) its other seeds; a paired ablation at its reference's rate and seeds."""
+    rate is chosen) its other seeds; a paired ablation at its reference's rate and seeds; last
+    the `longer` runs."""
     todo: list[PlannedRun] = []
 
     def planned(arm: Arm, lr: float, seed: int) -> PlannedRun:
@@ -350,7 +358,7 @@ def plan(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> 
         if rate is None:
             continue
         todo += [p for seed in SEEDS if (p := planned(arm, rate, seed)).key not in runs]
-    return todo
+    return todo + [p for p in longer_runs(claim, runs, widths) if p.key not in runs]
 
 
 def final_runs(
@@ -380,6 +388,31 @@ def final_runs(
     return out
 
 
+def longer_runs(
+    claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]
+) -> list[PlannedRun]:
+    """The runs of `claim.longer`, one per factor, once their arm's rate is chosen."""
+    if claim.longer is None:
+        return []
+    name, factors = claim.longer
+    (arm,) = [a for a in claim.arms if a.name == name]
+    rate, _ = final_runs(claim, runs, widths)[name]
+    if rate is None:
+        return []
+    options = _options(claim, arm)
+    return [
+        PlannedRun(
+            dataclasses.replace(claim.task, steps=claim.task.steps * factor),
+            arm,
+            options,
+            widths[name],
+            rate,
+            SEEDS[0],
+        )  # fmt: skip
+        for factor in factors
+    ]
+
+
 def sweep_runs(
     claim: Claim, arm: Arm, runs: dict[str, dict], widths: dict[str, int | None]
 ) -> list[dict]:
@@ -392,9 +425,10 @@ def sweep_runs(
 def used_runs(
     claims: Sequence[Claim], runs: dict[str, dict], widths: dict[str, dict[str, int | None]]
 ) -> dict[str, dict]:
-    """The finished runs the protocol reads: every swept arm's seed-0 sweep and every arm's
-    seeds at its chosen (or inherited) rate. A run left in `runs.jsonl` from an earlier choice
-    of rate is not among them, and a fresh run of the command would not repeat it."""
+    """The finished runs the protocol reads: every swept arm's seed-0 sweep, every arm's seeds
+    at its chosen (or inherited) rate, and the `longer` runs. A run left in `runs.jsonl` from
+    an earlier choice of rate is not among them, and a fresh run of the command would not
+    repeat it."""
     used: dict[str, dict] = {}
     for claim in claims:
         if claim.not_tested is not None:
@@ -404,6 +438,7 @@ def used_runs(
             used |= {r["key"]: r for r in sweep_runs(claim, arm, runs, claim_width)}
         for _, done in final_runs(claim, runs, claim_width).values():
             used |= {r["key"]: r for r in done}
+        used |= {p.key: runs[p.key] for p in longer_runs(claim, runs, claim_width) if p.key in runs}
     return used
 
 

@@ -23,6 +23,7 @@ from ._claims import (
     claim_widths,
     CLAIMS,
     final_runs,
+    longer_runs,
     LRS,
     SEEDS,
     spread,
@@ -239,6 +240,7 @@ def claim_section(
             + ", ".join(f"{name} {claim.task.shown(change):+.3f}" for name, change in late)
             + ".",
         ]
+    lines += _longer_lines(claim, runs, widths)
     counts = [s.parameters for s in summaries if s.parameters is not None]
     if counts:
         lines += [
@@ -252,15 +254,53 @@ def claim_section(
 
 
 def _late_change(summary: ArmSummary) -> float | None:
-    """Mean over seeds of (last evaluation - the evaluation three quarters in), in scores."""
-    changes = []
-    for curve in summary.curves:
-        if len(curve) < 4:
-            continue
-        final_step = curve[-1][0]
-        earlier = min(curve, key=lambda point: abs(point[0] - 0.75 * final_step))
-        changes.append(curve[-1][1] - earlier[1])
+    """Mean over seeds of `_curve_late_change`, in scores."""
+    changes = [c for curve in summary.curves if (c := _curve_late_change(curve)) is not None]
     return float(np.mean(changes)) if changes else None
+
+
+def _curve_late_change(curve: Sequence[Sequence[float]]) -> float | None:
+    """The last evaluation less the one three quarters in (None for under four points)."""
+    if len(curve) < 4:
+        return None
+    final_step = curve[-1][0]
+    earlier = min(curve, key=lambda point: abs(point[0] - 0.75 * final_step))
+    return curve[-1][1] - earlier[1]
+
+
+def _longer_lines(claim: Claim, runs: dict[str, dict], widths: dict[str, int | None]) -> list[str]:
+    """The table of `claim.longer`: its arm at seed 0 at the claim's length and longer."""
+    planned = longer_runs(claim, runs, widths)
+    if claim.longer is None or not planned:
+        return []
+    name, _ = claim.longer
+    rate, done = final_runs(claim, runs, widths)[name]
+    task = claim.task
+    rows = [(task.steps, r) for r in done if r["seed"] == SEEDS[0]]
+    rows += [(p.task.steps, runs.get(p.key)) for p in planned]
+    lines = [
+        "",
+        f"Trained longer: {name} at its chosen rate {rate:g}, seed 0, the same schedule "
+        "stretched over more steps (one seed each; these runs show how far the length above is "
+        "from a flat curve and rank nothing):",
+        "",
+        f"| steps | validation {task.metric} | change over the last quarter | "
+        f"test {task.metric} | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for steps, record in rows:
+        if record is None:
+            lines.append(f"| {steps} | - | - | - | - |")
+        elif record["diverged_at"] is not None:
+            lines.append(f"| {steps} | diverged | - | - | {record['seconds']:.0f} |")
+        else:
+            change = _curve_late_change(record["curve"])
+            late = "-" if change is None else f"{task.shown(change):+.3f}"
+            lines.append(
+                f"| {steps} | {task.shown(record['validation']):.3f} | {late} | "
+                f"{task.shown(record['test']):.3f} | {record['seconds']:.0f} |"
+            )
+    return lines
 
 
 def _shown_options(claim: Claim, arm) -> list[tuple[str, object]]:
