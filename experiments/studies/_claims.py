@@ -408,7 +408,7 @@ def longer_runs(
             widths[name],
             rate,
             SEEDS[0],
-        )  # fmt: skip
+        )
         for factor in factors
     ]
 
