@@ -4,6 +4,7 @@ parameter counts are matched, and the verdict follows the twice-the-seed-range r
 
 import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ import pytest
 from experiments.studies import _claims
 from experiments.studies._claims import Arm, Claim, CLAIMS, LRS, plan, SEEDS, Task
 from experiments.studies._claims_page import claims_result, format_page, summarise, verdict
+from experiments.studies._claims_run import load_runs, run_one
 from experiments.tasks import single_needle
 
 
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "results"
 TINY = Task(steps=2, num_train=64, num_validation=16, num_test=16, batch_size=8)
 RANKING = Claim(
     key="tiny-ranking",
@@ -197,6 +200,47 @@ def test_page_lists_every_claim_with_a_verdict(tmp_path):
     for claim, result in rows:
         assert result.startswith("not tested here" if claim.not_tested else "running")
     assert "atlas-eqx results claims" in text
+
+
+def test_committed_claims_runs_are_the_ones_todays_protocol_asks_for():
+    """Every run the shipped claims plan is in the committed `runs.jsonl` (its key names the
+    whole configuration), so the committed page is what `atlas-eqx results claims` reproduces;
+    a change to a claim's task, arms or options shows here as missing runs."""
+    runs = load_runs(RESULTS / "claims" / "runs.jsonl")
+    for claim in CLAIMS:
+        if claim.not_tested is None:
+            assert plan(claim, runs, _claims.matched_mlp_hidden(claim)) == [], claim.key
+
+
+def test_tasks_without_the_newer_fields_keep_their_run_keys():
+    """`test_lengths` and `test_pairs` at their defaults stay out of a run's key, so runs
+    recorded before those fields existed are still found."""
+    key = json.loads(_claims.run_key(TINY, Arm("a", "titans"), {}, None, 0.01, 0))
+    assert not {"name", "test_lengths", "test_pairs"} & set(key["task"])
+    paired = dataclasses.replace(TINY, test_pairs=(4, 8))
+    assert json.loads(_claims.run_key(paired, Arm("a", "titans"), {}, None, 0.01, 0))["task"][
+        "test_pairs"
+    ] == [4, 8]
+
+
+@pytest.mark.slow
+def test_a_run_is_tested_at_each_number_of_pairs_and_scored_at_the_most(tmp_path):
+    """`Task.test_pairs`: trained with `num_kv_pairs`, tested on MQAR splits with each count;
+    the run's score is the last count's, and the page tables every count."""
+    task = dataclasses.replace(TINY, num_kv_pairs=2, test_pairs=(2, 8))
+    record = run_one(task, Arm("a", "gated_deltanet"), {}, None, 0.01, 0)
+    assert set(record["test_by_pairs"]) == {"2", "8"}
+    assert record["test"] == record["test_by_pairs"]["8"]
+    claim = dataclasses.replace(RANKING, task=task, arms=RANKING.arms[:1])
+    runs: dict = {}
+    for _ in range(2):
+        _finish(runs, plan(claim, runs, WIDTHS), lambda p: 0.9, lambda p: 0.5)
+    for r in runs.values():
+        r["test_by_pairs"] = {"2": 0.75, "8": 0.5}
+    text, _ = format_page([claim], runs, tmp_path)
+    assert "trained with 2 pairs, tested with 2, 8 pairs" in text
+    assert "| arm | 2 pairs | 8 pairs |" in text
+    assert "| a | 0.750 [0.750, 0.750] | 0.500 [0.500, 0.500] |" in text
 
 
 @pytest.mark.slow

@@ -41,10 +41,12 @@ VALIDATION_OFFSET, TEST_OFFSET = 2 * 10**6, 10**6
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A task, its size and its training length: `"mqar"` (Zoology's multi-query associative
-    recall), `"needle"` (`experiments.tasks.single_needle`, trained at `seq_len` and tested at
-    each of `test_lengths`; the claim's score is the longest) or `"lm"` (next-byte prediction
-    on the fetched corpus: train, valid and test splits of whole documents,
-    `experiments.tasks.load_corpus`; `vocab_size` 256, windows of `seq_len` bytes).
+    recall, trained with `num_kv_pairs` pairs and tested with each of `test_pairs`, by default
+    the same; the claim's score is the most pairs), `"needle"` (`experiments.tasks.single_needle`,
+    trained at `seq_len` and tested at each of `test_lengths`; the claim's score is the longest)
+    or `"lm"` (next-byte prediction on the fetched corpus: train, valid and test splits of whole
+    documents, `experiments.tasks.load_corpus`; `vocab_size` 256, windows of `seq_len` bytes).
+    Validation is always at the training length and number of pairs.
 
     A run's score is higher-is-better: accuracy, or minus the bits per byte for `"lm"`."""
 
@@ -61,6 +63,15 @@ class Task:
     n_layers: int = 2
     n_heads: int = 4
     test_lengths: tuple[int, ...] = ()
+    test_pairs: tuple[int, ...] = ()
+
+    @property
+    def test_axis(self) -> tuple[str, tuple[int, ...]]:
+        """What the test splits vary, `"length"` or `"pairs"`, and its values (the claim's
+        score is at the last)."""
+        if self.test_pairs:
+            return "pairs", self.test_pairs
+        return "length", self.test_lengths or (self.seq_len,)
 
     @property
     def metric(self) -> str:
@@ -82,6 +93,12 @@ class Task:
             what = (
                 f"single needle (one key-value pair in random tokens, asked at the end), trained "
                 f"at T {self.seq_len}, tested at T {lengths}, vocabulary {self.vocab_size}"
+            )
+        elif self.test_pairs:
+            counts = ", ".join(map(str, self.test_pairs))
+            what = (
+                f"MQAR T {self.seq_len}, trained with {self.num_kv_pairs} pairs, tested with "
+                f"{counts} pairs, vocabulary {self.vocab_size}"
             )
         else:
             what = f"MQAR T {self.seq_len}, {self.num_kv_pairs} pairs, vocabulary {self.vocab_size}"
@@ -127,7 +144,7 @@ MAIN_TASK = Task()
 LM_TASK = Task(name="lm", seq_len=64, vocab_size=256, steps=2000, batch_size=16,
                num_validation=512, num_test=512, d_model=32, n_heads=2)  # fmt: skip
 NEEDLE_TASK = Task(name="needle", seq_len=128, test_lengths=(128, 512, 2048))
-CAPACITY_TASK = Task(seq_len=64, num_kv_pairs=16, vocab_size=128, n_heads=8)
+CAPACITY_TASK = Task(n_heads=8, test_pairs=(4, 6, 8))
 ATLAS = Arm("atlas", "atlas")
 MUON_LR_MAX = (("lr_max", 0.1),)
 
@@ -291,7 +308,8 @@ def run_key(
 ) -> str:
     """A run's identity: everything that sets what it computes (not the arm's label)."""
     identity = dataclasses.asdict(task)
-    for field in ("name", "test_lengths"):  # keys written before these fields existed hold
+    # Keys written before these fields existed hold none of them.
+    for field in ("name", "test_lengths", "test_pairs"):
         if identity[field] == getattr(MAIN_TASK, field):
             del identity[field]
     return json.dumps(

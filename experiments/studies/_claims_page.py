@@ -196,17 +196,17 @@ def claim_section(
             f"{'-' if s.parameters is None else f'{s.parameters:,}'} | "
             f"{s.mlp_hidden or 'default'} | {s.diverged} |"
         )
-    if claim.task.test_lengths:
-        lengths = claim.task.test_lengths
-        lines += ["", "Test accuracy by length (the claim is scored at the longest):", ""]
-        lines += ["| arm | " + " | ".join(f"T {n}" for n in lengths) + " |"]
-        lines += ["|---|" + "---|" * len(lengths)]
+    axis, values = claim.task.test_axis
+    if len(values) > 1:
+        scored_at = "the longest" if axis == "length" else "the most pairs"
+        by = "length" if axis == "length" else "number of pairs"
+        lines += ["", f"Test accuracy by {by} (the claim is scored at {scored_at}):", ""]
+        headers = [f"T {n}" if axis == "length" else f"{n} pairs" for n in values]
+        lines += ["| arm | " + " | ".join(headers) + " |", "|---|" + "---|" * len(values)]
+        field = f"test_by_{axis}"
         for arm in claim.arms:
             _, done = final_runs(claim, runs, widths)[arm.name]
-            cells = [
-                _mean_range([r["test_by_length"][str(n)] for r in done if "test_by_length" in r])
-                for n in lengths
-            ]
+            cells = [_mean_range([r[field][str(n)] for r in done if field in r]) for n in values]
             lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
     swept = swept_arms(claim)
     lines += ["", f"Rate sweep at seed 0 (validation {claim.task.metric}):", ""]

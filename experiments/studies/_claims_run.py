@@ -38,12 +38,12 @@ def run_one(
     from ..training._recall import mqar_batches, mqar_eval_batches
     from ..training._train import evaluate, OptimConfig, train, TrainingDiverged
 
-    def split(n: int, offset: int, length: int = task.seq_len):
+    def split(n: int, offset: int, length: int = task.seq_len, pairs: int = task.num_kv_pairs):
         if task.name == "needle":
             return single_needle(n, length, task.vocab_size, seed=offset + length)
-        return multiquery_ar(n, length, task.vocab_size, task.num_kv_pairs, seed=offset)
+        return multiquery_ar(n, length, task.vocab_size, pairs, seed=offset)
 
-    test_lengths = task.test_lengths or (task.seq_len,)
+    axis, test_values = task.test_axis
     if task.name == "lm":
         batches, validation, test = _lm_data(task, seed)
         tests = {task.seq_len: test}
@@ -54,8 +54,8 @@ def run_one(
             split(task.num_validation, VALIDATION_OFFSET), task.batch_size
         )
         tests = {
-            n: mqar_eval_batches(split(task.num_test, TEST_OFFSET, n), task.batch_size)
-            for n in test_lengths
+            n: mqar_eval_batches(split(task.num_test, TEST_OFFSET, **{axis: n}), task.batch_size)
+            for n in test_values
         }
 
     def measured(model, eval_batches) -> dict[str, float]:
@@ -87,15 +87,15 @@ def run_one(
         )
     except TrainingDiverged as diverged:
         return record | diverged.record("score", time.perf_counter() - start)
-    by_length = {n: measured(outcome.model, b)["score"] for n, b in tests.items()}
-    return record | dict(
-        diverged_at=None,
-        validation=outcome.evaluations[-1]["score"],
-        test=by_length[max(test_lengths)],
-        test_by_length={str(n): accuracy for n, accuracy in by_length.items()},
-        curve=[(int(e["step"]), e["score"]) for e in outcome.evaluations],
-        seconds=time.perf_counter() - start,
-    )
+    scores = {n: measured(outcome.model, b)["score"] for n, b in tests.items()}
+    return record | {
+        "diverged_at": None,
+        "validation": outcome.evaluations[-1]["score"],
+        "test": scores[test_values[-1]],
+        f"test_by_{axis}": {str(n): score for n, score in scores.items()},
+        "curve": [(int(e["step"]), e["score"]) for e in outcome.evaluations],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _lm_data(task: Task, seed: int):
@@ -129,7 +129,19 @@ def load_runs(path: pathlib.Path) -> dict[str, dict]:
     return {r["key"]: r for r in records}
 
 
-def _pin_worker(queue: Any) -> None:
+def compilation_cache_dir() -> str:
+    """Where the workers keep compiled programs: `$JAX_COMPILATION_CACHE_DIR`, by default
+    `~/.cache/atlas-eqx-xla` (the test suite's). A program compiled by one worker is loaded, not
+    compiled again, by the other and by a resumed invocation; a loaded program is the same
+    executable, so no result depends on it."""
+    default = pathlib.Path.home() / ".cache" / "atlas-eqx-xla"
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR", str(default))
+
+
+def _start_worker(queue: Any, cache_dir: str) -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
     cores = queue.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
@@ -144,8 +156,9 @@ def run_claims(
     on_run: Callable[[dict], None] | None = None,
 ) -> dict[str, dict]:
     """Run every planned run of `claims` not yet in `out_dir/runs.jsonl` on `jobs` processes
-    pinned to their own cores, in the claims' order; a finished sweep releases its arm's other
-    seeds at once. Submits no new run once `budget_s` seconds have passed."""
+    pinned to their own cores, in the claims' order, sharing a persistent compilation cache
+    (`compilation_cache_dir`); a finished sweep releases its arm's other seeds at once. Submits
+    no new run once `budget_s` seconds have passed."""
     import multiprocessing
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +181,10 @@ def run_claims(
         queue.put(set(cores[worker * per_worker : (worker + 1) * per_worker]))
     start = time.perf_counter()
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_pin_worker, initargs=(queue,)
+        jobs,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(queue, compilation_cache_dir()),
     ) as pool:
         running: dict[Any, str] = {}
         while True:
