@@ -224,11 +224,27 @@ def test_tasks_without_the_newer_fields_keep_their_run_keys():
 
 
 @pytest.mark.slow
-def test_a_run_is_tested_at_each_number_of_pairs_and_scored_at_the_most(tmp_path):
-    """`Task.test_pairs`: trained with `num_kv_pairs`, tested on MQAR splits with each count;
-    the run's score is the last count's, and the page tables every count."""
+def test_a_run_is_tested_at_each_number_of_pairs_and_scored_at_the_most(tmp_path, monkeypatch):
+    """`Task.test_pairs`: trained and validated with `num_kv_pairs`, tested on MQAR splits with
+    each count; the run's score is the last count's, and the page tables every count."""
+    from experiments.tasks import _mqar
+
+    made = []
+
+    def recorded(n, seq_len, vocab_size, num_kv_pairs, *, seed):
+        made.append((seed, num_kv_pairs))
+        return original(n, seq_len, vocab_size, num_kv_pairs, seed=seed)
+
+    original = _mqar.multiquery_ar
+    monkeypatch.setattr(_mqar, "multiquery_ar", recorded)
     task = dataclasses.replace(TINY, num_kv_pairs=2, test_pairs=(2, 8))
     record = run_one(task, Arm("a", "gated_deltanet"), {}, None, 0.01, 0)
+    assert sorted(made) == [
+        (0, 2),
+        (_claims.TEST_OFFSET, 2),
+        (_claims.TEST_OFFSET, 8),
+        (_claims.VALIDATION_OFFSET, 2),
+    ]
     assert set(record["test_by_pairs"]) == {"2", "8"}
     assert record["test"] == record["test_by_pairs"]["8"]
     claim = dataclasses.replace(RANKING, task=task, arms=RANKING.arms[:1])
