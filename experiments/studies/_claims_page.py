@@ -159,6 +159,13 @@ def plot_claim(claim: Claim, summaries: Sequence[ArmSummary], path: pathlib.Path
     return True
 
 
+_TEST_AXES = {
+    "length": ("length", "the longest", "T {}"),
+    "pairs": ("number of pairs", "the most pairs", "{} pairs"),
+}
+"""For each `Task.test_axis`: the page's words for it, for its scored value, and its column."""
+
+
 def claim_section(
     claim: Claim, runs: dict[str, dict], widths: dict[str, int | None], out_dir: pathlib.Path
 ) -> tuple[str, list[str]]:
@@ -198,10 +205,9 @@ def claim_section(
         )
     axis, values = claim.task.test_axis
     if len(values) > 1:
-        scored_at = "the longest" if axis == "length" else "the most pairs"
-        by = "length" if axis == "length" else "number of pairs"
+        by, scored_at, header = _TEST_AXES[axis]
         lines += ["", f"Test accuracy by {by} (the claim is scored at {scored_at}):", ""]
-        headers = [f"T {n}" if axis == "length" else f"{n} pairs" for n in values]
+        headers = [header.format(n) for n in values]
         lines += ["| arm | " + " | ".join(headers) + " |", "|---|" + "---|" * len(values)]
         field = f"test_by_{axis}"
         for arm in claim.arms:
