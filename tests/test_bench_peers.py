@@ -231,6 +231,8 @@ def test_exclusive_times_leave_out_the_events_each_event_encloses_on_its_thread(
         ("while.143", "loops and calls"),
         ("ThunkExecutor::Execute", None),
         ("$_jit.py:206 __call__", None),
+        ("end: ynn_fusion", None),
+        ("ThreadpoolListener::StartRegion", None),
     ],
 )
 def test_operation_kinds_follow_xla_cpu_names(name, kind):

@@ -1,7 +1,7 @@
 """Benchmarks (`atlas-eqx bench`): the chunked scan against the sequential oracle, the exact
 chunk-parallel form, our layers against titans-pytorch and fla, streaming inference,
-FLOPs per token by part with the fraction of a matmul's speed reached, and Newton-Schulz on its
-own.
+FLOPs per token by part with the fraction of a matmul's speed reached, Newton-Schulz on its
+own, and the matrix-product bound of the programs the speed targets are about.
 
 Builds on `experiments.training`; nothing in `experiments` but the CLI imports it.
 """
@@ -11,6 +11,11 @@ from ._flops import count_flops as count_flops, FlopCount as FlopCount
 from ._flops_bench import (
     FlopsBenchConfig as FlopsBenchConfig,
     run_flops_benchmark as run_flops_benchmark,
+)
+from ._matmul_bound import (
+    MATMUL_BOUND_CASES as MATMUL_BOUND_CASES,
+    MatmulBoundConfig as MatmulBoundConfig,
+    run_matmul_bound_benchmark as run_matmul_bound_benchmark,
 )
 from ._newton_schulz_bench import (
     NewtonSchulzBenchConfig as NewtonSchulzBenchConfig,

@@ -30,7 +30,7 @@ projection, RoPE, the loss). The parts sum to the total by construction.
 import math
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 from jax.extend import core as jex_core
@@ -205,16 +205,45 @@ def _conv_flops(eqn: Any) -> int:
     return 2 * _size(eqn.outvars[0].aval) * (_size(rhs) // out_features)
 
 
+class MatrixProduct(NamedTuple):
+    """One `dot_general` as traced: its operands' shapes and dtype, and its dimension numbers
+    (`((lhs contracting, rhs contracting), (lhs batch, rhs batch))`)."""
+
+    lhs_shape: tuple[int, ...]
+    rhs_shape: tuple[int, ...]
+    dtype: str
+    dimension_numbers: tuple
+
+    @property
+    def flops(self) -> int:
+        (lhs_contracting, rhs_contracting), (lhs_batch, _) = self.dimension_numbers
+        lhs_free = [
+            n
+            for d, n in enumerate(self.lhs_shape)
+            if d not in lhs_contracting and d not in lhs_batch
+        ]
+        rhs_free = [
+            n
+            for d, n in enumerate(self.rhs_shape)
+            if d not in rhs_contracting and d not in self.dimension_numbers[1][1]
+        ]
+        batch = [self.lhs_shape[d] for d in lhs_batch]
+        contracted = [self.lhs_shape[d] for d in lhs_contracting]
+        return 2 * math.prod(batch + lhs_free + rhs_free + contracted)
+
+
 class FlopCount:
     """FLOPs and transcendentals per part (`PARTS`), and the primitives no rule knew.
 
     `matrix_flops` is the share of `total` in matrix products (dot_general, convolutions,
     triangular solves): what `torch.utils.flop_counter` counts, for a like-for-like comparison
-    with a torch implementation."""
+    with a torch implementation. `products` counts how many times each distinct `dot_general`
+    runs (`atlas-eqx bench matmul-bound` times each one on its own)."""
 
     def __init__(self) -> None:
         self.flops: Counter[str] = Counter({part: 0 for part in PARTS})
         self.matrix_flops = 0
+        self.products: Counter[MatrixProduct] = Counter()  # dot_general -> times it runs
         self.transcendentals = 0
         self.unknown: set[str] = set()
 
@@ -242,6 +271,7 @@ class FlopCount:
                 costliest = max(costs, key=lambda c: c.total)
                 self.flops.update(costliest.flops)
                 self.matrix_flops += costliest.matrix_flops
+                self.products.update(costliest.products)
                 self.transcendentals += costliest.transcendentals
                 self.unknown |= costliest.unknown
             elif subs:
@@ -255,6 +285,11 @@ class FlopCount:
         if name in ("dot_general", "conv_general_dilated", "triangular_solve"):
             if name == "dot_general":
                 flops = _dot_flops(eqn)
+                lhs, rhs = (v.aval for v in eqn.invars)
+                product = MatrixProduct(
+                    lhs.shape, rhs.shape, str(lhs.dtype), eqn.params["dimension_numbers"]
+                )
+                self.products[product] += multiplier
             elif name == "conv_general_dilated":
                 flops = _conv_flops(eqn)
             else:

@@ -49,7 +49,16 @@ _MOVEMENT = {
     "iota",
 }
 _LOOPS = {"while", "conditional", "call"}
-_RUNTIME_PREFIXES = ("$", "Thunk", "Slinky", "PjitFunction", "CommonPjRt", "Pjit")
+_RUNTIME_PREFIXES = (
+    "$",
+    "Thunk",
+    "Slinky",
+    "PjitFunction",
+    "CommonPjRt",
+    "Pjit",
+    "end: ",  # the runtime's marker at the end of an operation, named after it
+    "ThreadpoolListener",
+)
 
 
 def operation_kind(name: str) -> str | None:

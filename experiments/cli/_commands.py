@@ -232,6 +232,20 @@ def _bench_newton_schulz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_matmul_bound(args: argparse.Namespace) -> int:
+    from ..bench import MatmulBoundConfig, run_matmul_bound_benchmark
+
+    config = MatmulBoundConfig(
+        cases=tuple(args.cases or ()),
+        gemm_size=args.gemm_size,
+        out_dir=args.out_dir or "experiments/results/bench-matmul-bound",
+    )
+    if args.repeats is not None:
+        config = dataclasses.replace(config, repeats=args.repeats)
+    run_matmul_bound_benchmark(config, command="atlas-eqx " + shlex.join(args.argv))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..bench import run_scan_benchmark, ScanBenchConfig
 
@@ -253,10 +267,12 @@ def _bench(args: argparse.Namespace) -> int:
         return _bench_flops(args)
     if args.what == "newton-schulz":
         return _bench_newton_schulz(args)
+    if args.what == "matmul-bound":
+        return _bench_matmul_bound(args)
     if args.what != "scan":
         raise SystemExit(
             f"atlas-eqx bench: unknown benchmark {args.what!r}; choose from: scan, peers, "
-            "exact, flops, newton-schulz"
+            "exact, flops, newton-schulz, matmul-bound"
         )
     config = ScanBenchConfig(
         lengths=tuple(args.lengths),

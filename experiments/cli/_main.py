@@ -169,11 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
         "writes experiments/results/bench-flops/. bench newton-schulz: Muon's Newton-Schulz on "
         "its own (--shapes), our derivative rule against JAX differentiating the plain steps, "
         "forward and forward+backward, with the fraction of a float32 matmul's FLOP/s; writes "
-        "experiments/results/bench-newton-schulz/.",
+        "experiments/results/bench-newton-schulz/. bench matmul-bound: the tokens/s the "
+        "layers and scans of issue 23's targets would reach if only their matrix products "
+        "ran, each at XLA's own speed for its shape (--cases); writes "
+        "experiments/results/bench-matmul-bound/.",
     )
     bench.add_argument(
         "what",
-        choices=["scan", "peers", "exact", "flops", "newton-schulz"],
+        choices=["scan", "peers", "exact", "flops", "newton-schulz", "matmul-bound"],
         help="which benchmark to run",
     )
     bench.add_argument(
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peers: default experiments/results/bench_peers; exact: "
         "experiments/results/exact-chunked; flops: experiments/results/bench-flops; "
-        "newton-schulz: experiments/results/bench-newton-schulz",
+        "newton-schulz: experiments/results/bench-newton-schulz; matmul-bound: "
+        "experiments/results/bench-matmul-bound",
     )
     bench.add_argument(
         "--skip",
@@ -289,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="newton-schulz: batches of matrices as BATCHxMxN (default 128x16x64 512x16x64 "
         "128x32x128: atlas at batch 32, d_model 64 and 128, 4 heads)",
+    )
+    from ..bench import MATMUL_BOUND_CASES
+
+    bench.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        choices=list(MATMUL_BOUND_CASES),
+        help="matmul-bound: programs to bound (default all)",
     )
     bench.set_defaults(run=_bench)
 
