@@ -42,17 +42,25 @@ _PART_TITLES = {
 
 
 @dataclass(frozen=True)
-class FlopsBenchConfig:
-    presets: tuple[str, ...] = tuple(ae.presets.__all__)
-    sizes: tuple[tuple[int, int], ...] = ((64, 4),)  # (d_model, n_heads)
-    seq_len: int = 2048
-    batch: int = 1
+class TimedBenchConfig:
+    """What every benchmark written by `write_page` shares: the float32 `gemm_size`^3 matmul
+    timed beside it, its interleaved rounds (at most `repeats`; at least `min_repeats`, then
+    none started after `round_budget_s`), where the page goes, and the seed of its inputs."""
+
     gemm_size: int = 1024
     repeats: int = 5
     min_repeats: int = 3
     round_budget_s: float = 120.0
     out_dir: str | None = None
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class FlopsBenchConfig(TimedBenchConfig):
+    presets: tuple[str, ...] = tuple(ae.presets.__all__)
+    sizes: tuple[tuple[int, int], ...] = ((64, 4),)  # (d_model, n_heads)
+    seq_len: int = 2048
+    batch: int = 1
 
 
 def _layer_functions(layer: Any, x: jax.Array):
@@ -189,7 +197,7 @@ def run_flops_benchmark(config: FlopsBenchConfig, *, command: str) -> list[dict[
 
 
 def write_page(
-    config: Any,
+    config: TimedBenchConfig,
     results: list[dict[str, Any]],
     *,
     title: str,
@@ -200,7 +208,8 @@ def write_page(
 ) -> None:
     """Write a timed benchmark's `results.md` (`title`, `command`, the machine and the rounds
     of `config`, `method`, then `body`) and `results.json` (`config` and `results`) into
-    `config.out_dir`."""
+    `config.out_dir` (callers write no page when it is None)."""
+    assert config.out_dir is not None
     os.makedirs(config.out_dir, exist_ok=True)
     header = (
         f"# {title}\n\n```\n{command}\n```\n\n"

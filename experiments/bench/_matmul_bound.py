@@ -42,21 +42,15 @@ import optimizers as iopt
 
 from . import _scan
 from ._flops import count_flops, MatrixProduct
-from ._flops_bench import write_page
+from ._flops_bench import TimedBenchConfig, write_page
 from ._scan import _time_interleaved, timed_gemm
 
 
 @dataclass(frozen=True)
-class MatmulBoundConfig:
+class MatmulBoundConfig(TimedBenchConfig):
     cases: tuple[str, ...] = ()
     """Names from `MATMUL_BOUND_CASES`; empty for all of them."""
     reps: int = 32
-    gemm_size: int = 1024
-    repeats: int = 5
-    min_repeats: int = 3
-    round_budget_s: float = 120.0
-    out_dir: str | None = None
-    seed: int = 0
 
 
 def product_loop(product: MatrixProduct, reps: int):

@@ -31,7 +31,7 @@ from optimizers._newton_schulz import (
 )
 
 from ._flops import count_flops
-from ._flops_bench import write_page
+from ._flops_bench import TimedBenchConfig, write_page
 from ._scan import _time_interleaved, timed_gemm
 
 
@@ -39,18 +39,14 @@ FORMS = {"newton_schulz": _iterate, "plain": _iterate_plain}
 
 
 @dataclass(frozen=True)
-class NewtonSchulzBenchConfig:
+class NewtonSchulzBenchConfig(TimedBenchConfig):
     shapes: tuple[tuple[int, int, int], ...] = ((128, 16, 64), (512, 16, 64), (128, 32, 128))
     """`(batch, m, n)`. The defaults are what atlas's layer at batch 32 hands NS per chunk step
     at d_model 64 and 4 heads (per-chunk Muon: 128 matrices of 16 x 64; exact Muon at chunk 4:
     512), and at d_model 128 and 4 heads (128 of 32 x 128)."""
     steps: int = 5
-    gemm_size: int = 1024
     repeats: int = 7
-    min_repeats: int = 3
     round_budget_s: float = 60.0
-    out_dir: str | None = None
-    seed: int = 0
 
 
 def _functions(form: str, steps: int):
