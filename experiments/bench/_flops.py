@@ -216,20 +216,14 @@ class MatrixProduct(NamedTuple):
 
     @property
     def flops(self) -> int:
-        (lhs_contracting, rhs_contracting), (lhs_batch, _) = self.dimension_numbers
-        lhs_free = [
-            n
-            for d, n in enumerate(self.lhs_shape)
-            if d not in lhs_contracting and d not in lhs_batch
-        ]
+        """2 x (output size) x (contracted size), as `count_flops` charges it."""
+        (lhs_contracting, rhs_contracting), (_, rhs_batch) = self.dimension_numbers
+        lhs_kept = [n for d, n in enumerate(self.lhs_shape) if d not in lhs_contracting]
         rhs_free = [
-            n
-            for d, n in enumerate(self.rhs_shape)
-            if d not in rhs_contracting and d not in self.dimension_numbers[1][1]
+            n for d, n in enumerate(self.rhs_shape) if d not in (*rhs_contracting, *rhs_batch)
         ]
-        batch = [self.lhs_shape[d] for d in lhs_batch]
         contracted = [self.lhs_shape[d] for d in lhs_contracting]
-        return 2 * math.prod(batch + lhs_free + rhs_free + contracted)
+        return 2 * math.prod(lhs_kept + rhs_free + contracted)
 
 
 class FlopCount:
