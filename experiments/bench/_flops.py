@@ -191,13 +191,6 @@ def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
     return found
 
 
-def _dot_flops(eqn: Any) -> int:
-    lhs = eqn.invars[0].aval
-    (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-    contracted = math.prod(lhs.shape[d] for d in lhs_contracting)
-    return 2 * _size(eqn.outvars[0].aval) * contracted
-
-
 def _conv_flops(eqn: Any) -> int:
     rhs = eqn.invars[1].aval
     numbers = eqn.params["dimension_numbers"]
@@ -278,11 +271,11 @@ class FlopCount:
         out = sum(_size(v.aval) for v in eqn.outvars)
         if name in ("dot_general", "conv_general_dilated", "triangular_solve"):
             if name == "dot_general":
-                flops = _dot_flops(eqn)
                 lhs, rhs = (v.aval for v in eqn.invars)
                 product = MatrixProduct(
                     lhs.shape, rhs.shape, str(lhs.dtype), eqn.params["dimension_numbers"]
                 )
+                flops = product.flops
                 self.products[product] += multiplier
             elif name == "conv_general_dilated":
                 flops = _conv_flops(eqn)

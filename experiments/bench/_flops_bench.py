@@ -122,18 +122,25 @@ def _k(value: float) -> str:
     return f"{value / 1e3:,.1f}"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of `rows` under `header`, each line ending in a newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
 def format_tables(result: dict[str, Any]) -> str:
     """Markdown: FLOPs per token by part for the forward and the forward+backward (kFLOP),
     and where timed, tokens/s, GFLOP/s and the fraction of the matmul's FLOP/s."""
     rows = result["rows"]
     timed = "gemm_flops_per_s" in result
     parts = [_PART_TITLES[p] for p in PARTS]
-    lines = []
+    tables = []
     for label, title in (("forward", "forward"), ("backward", "forward+backward")):
         header = ["preset", f"{title} kFLOP/token", *parts]
         if label == "backward" and timed:
             header += ["f+b tokens/s", "GFLOP/s", "of GEMM"]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        table_rows = []
         for row in rows:
             counts = row[label]
             total = counts["total"]
@@ -147,14 +154,14 @@ def format_tables(result: dict[str, Any]) -> str:
                     f"{row['backward_flops_per_s'] / 1e9:.2f}",
                     f"{row['fraction_of_gemm']:.1%}",
                 ]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+            table_rows.append(cells)
+        tables.append(markdown_table(header, table_rows))
     unknown = sorted({name for row in rows for name in row["unknown"]})
     if unknown:
-        lines.append(
+        tables.append(
             f"Primitives without a rule, counted as 1 FLOP per output element: {unknown}.\n"
         )
-    return "\n".join(lines)
+    return "\n".join(tables)
 
 
 def _environment() -> str:

@@ -44,7 +44,7 @@ import optimizers as iopt
 
 from . import _scan
 from ._flops import count_flops, MatrixProduct
-from ._flops_bench import TimedBenchConfig, write_page
+from ._flops_bench import markdown_table, TimedBenchConfig, write_page
 from ._scan import _time_interleaved, timed_gemm
 
 
@@ -207,9 +207,8 @@ def format_table(result: dict[str, Any]) -> str:
         "bound: their arithmetic alone, tokens/s",
         "over measured",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in result["rows"]:
-        cells = [
+    table_rows = [
+        [
             row["program"],
             f"{row['tokens_per_s']:,.0f}",
             f"{row['fraction_of_gemm']:.0%}",
@@ -219,8 +218,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['arithmetic_tokens_per_s']:,.0f}",
             f"{row['arithmetic_over_measured']:.2f}x",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        for row in result["rows"]
+    ]
+    return markdown_table(header, table_rows)
 
 
 def run_matmul_bound_benchmark(config: MatmulBoundConfig, *, command: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from optimizers._newton_schulz import (
 )
 
 from ._flops import count_flops
-from ._flops_bench import TimedBenchConfig, write_page
+from ._flops_bench import markdown_table, TimedBenchConfig, write_page
 from ._scan import _time_interleaved, timed_gemm
 
 
@@ -104,7 +104,7 @@ def format_table(result: dict[str, Any]) -> str:
     header = ["form", "pass", "MFLOP", "of which matrix products"]
     if timed:
         header += ["ms", "GFLOP/s", "of GEMM", "plain / this"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    table_rows = []
     for row in result["rows"]:
         cells = [
             f"`{row['form']}`",
@@ -119,8 +119,8 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{row['fraction_of_gemm']:.0%}",
                 f"{row['plain_over_this']:.2f}x",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table_rows.append(cells)
+    return markdown_table(header, table_rows)
 
 
 def run_newton_schulz_benchmark(
